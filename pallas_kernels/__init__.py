@@ -1,0 +1,14 @@
+"""Hot-path kernels for sparse MoE models, each behind one door.
+
+`gmm(lhs, rhs, group_sizes)` multiplies consecutive row groups of `lhs` by their own
+matrix in `rhs`: rows `[offset_g, offset_g + group_sizes[g])` use `rhs[g]`. It picks a
+backend by platform and keeps a pure-JAX reference beside it for tests.
+
+    import jax.numpy as jnp
+    from pallas_kernels import gmm
+    out = gmm(x_mk, w_gkn, jnp.array([3, 0, 5]))   # rows 0-2 use w[0], rows 3-7 use w[2]
+"""
+
+from pallas_kernels.gmm.ops import GMM_IMPLS, default_impl, gmm
+
+__all__ = ["GMM_IMPLS", "default_impl", "gmm"]

@@ -1,0 +1,1 @@
+"""Grouped matrix multiplication: reference, XLA paths and the dispatching op."""

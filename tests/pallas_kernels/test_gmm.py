@@ -1,0 +1,76 @@
+"""gmm backends against the reference, forward and gradients, on ragged and empty groups."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pallas_kernels import GMM_IMPLS, gmm
+from pallas_kernels.gmm.reference import gmm_reference, group_ids
+
+
+def _inputs(sizes, m, k=8, n=6, seed=0):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    return (jax.random.normal(k1, (m, k)), jax.random.normal(k2, (len(sizes), k, n)),
+            jnp.asarray(sizes, jnp.int32))
+
+
+def test_reference_is_the_definition():
+    x, w, gs = _inputs([2, 0, 3], m=6)
+    out = np.asarray(gmm_reference(x, w, gs))
+    expect = np.concatenate([x[:2] @ w[0], x[2:5] @ w[2], np.zeros((1, 6))])
+    np.testing.assert_allclose(out, expect, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(group_ids(gs, 6), [0, 0, 2, 2, 2, 3])
+
+
+@pytest.mark.parametrize("impl", [i for i in GMM_IMPLS if i != "reference"])
+@pytest.mark.parametrize("sizes,m", [([5, 0, 3, 9], 17), ([0, 0, 0, 4], 4), ([3, 3], 10), ([0, 0], 3)])
+def test_forward_and_grads_match_reference(impl, sizes, m):
+    x, w, gs = _inputs(sizes, m)
+    out = gmm(x, w, gs, impl=impl)
+    ref = gmm(x, w, gs, impl="reference")
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    loss = lambda fn_impl: lambda x, w: jnp.sum(jnp.sin(gmm(x, w, gs, impl=fn_impl)))
+    g = jax.grad(loss(impl), argnums=(0, 1))(x, w)
+    g_ref = jax.grad(loss("reference"), argnums=(0, 1))(x, w)
+    for a, b in zip(g, g_ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.integers(0, 12), min_size=1, max_size=5), st.integers(0, 6),
+       st.sampled_from([None, 1, 4, 8]))
+def test_xla_tiled_any_group_sizes(sizes, extra_rows, tile_rows):
+    x, w, gs = _inputs(sizes, m=sum(sizes) + extra_rows, seed=len(sizes))
+    out = gmm(x, w, gs, impl="xla", tile_rows=tile_rows)
+    np.testing.assert_allclose(out, gmm_reference(x, w, gs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", GMM_IMPLS)
+def test_padded_layout(impl):
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 4, 8))
+    w = jax.random.normal(jax.random.PRNGKey(2), (3, 8, 5))
+    gs = jnp.array([4, 0, 2])
+    out = np.asarray(gmm(x, w, gs, impl=impl))
+    for g in range(3):
+        np.testing.assert_allclose(out[g, : gs[g]], x[g, : gs[g]] @ w[g], rtol=1e-5, atol=1e-5)
+        assert np.all(out[g, gs[g]:] == 0)
+
+
+def test_bf16_output_dtype_and_accuracy():
+    x, w, gs = _inputs([4, 4], m=8)
+    out = gmm(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), gs, impl="xla")
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(jnp.float32), gmm_reference(x, w, gs), rtol=0.05, atol=0.1)
+
+
+def test_shape_errors_are_clear():
+    x, w, gs = _inputs([2, 2], m=4)
+    with pytest.raises(ValueError, match=r"group_sizes must be \[G\]=\[2\]"):
+        gmm(x, w, jnp.array([1, 1, 2]))
+    with pytest.raises(ValueError, match="contracting dims differ"):
+        gmm(x[:, :5], w, gs)
+    with pytest.raises(ValueError, match="impl='triton' is not one of"):
+        gmm(x, w, gs, impl="triton")

@@ -1,0 +1,82 @@
+"""Command line: `python -m toolkit {train, config}`.
+
+    python -m toolkit train --preset tiny --mesh data=2,fsdp=4 --out runs/tiny
+    python -m toolkit train --preset tiny --set moe.num_experts=16 --set train.steps=300
+    python -m toolkit config --preset tiny          # every key, its value and meaning
+
+On CPU the CLI simulates `--devices` devices (8 by default), set before JAX starts.
+"""
+
+import argparse
+import os
+import sys
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="python -m toolkit", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (("train", "train a model and write runs/NAME"),
+                        ("config", "print every config key with its value and meaning")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--preset", default="tiny", help="preset name (default: tiny)")
+        s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="dotted override, e.g. moe.num_experts=16 (repeatable)")
+        s.add_argument("--mesh", default=None, metavar="AXIS=N,...",
+                       help="mesh axis sizes, e.g. data=2,fsdp=4 (axes: data, fsdp, tensor, expert)")
+        if name == "train":
+            s.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
+            s.add_argument("--resume", action="store_true", help="continue the run in --out")
+            s.add_argument("--devices", type=int, default=8,
+                           help="simulated devices when running on CPU (default: 8)")
+            s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _mesh_overrides(text):
+    if not text:
+        return []
+    out = []
+    for part in text.split(","):
+        if "=" not in part:
+            raise SystemExit(f"--mesh {text!r}: write axis=size pairs, e.g. --mesh data=2,fsdp=4")
+        axis, size = part.split("=", 1)
+        out.append(f"parallel.{axis.strip()}={size.strip()}")
+    return out
+
+
+def _config(args):
+    from toolkit.config import apply_overrides, preset
+    cfg = preset(args.preset)
+    if args.mesh:
+        import dataclasses
+
+        from toolkit.config import ParallelConfig
+        cfg = dataclasses.replace(cfg, parallel=ParallelConfig(data=1))
+    return apply_overrides(cfg, _mesh_overrides(args.mesh) + list(args.set))
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if args.command == "train" and "xla_force_host_platform_device_count" not in flags:
+        # Only the CPU backend reads this; on GPU/TPU the accelerators are the devices.
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
+    from toolkit.config import ConfigError, describe
+    try:
+        cfg = _config(args)
+        if args.command == "config":
+            rows = describe(cfg)
+            width = max(len(k) for k, _, _ in rows)
+            for key, value, meaning in rows:
+                print(f"{key:<{width}}  {value!r:<14}  {meaning}")
+            return 0
+        from toolkit.training import Trainer
+        out = args.out or os.path.join("runs", cfg.name)
+        trainer = Trainer(cfg, out_dir=out, resume=args.resume, progress=not args.no_progress)
+        trainer.run()
+        print((trainer.out_dir / "report.md").read_text())
+        print(f"run written to {trainer.out_dir}/")
+        return 0
+    except (ConfigError, KeyError) as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2

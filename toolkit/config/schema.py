@@ -1,0 +1,196 @@
+"""The config dataclasses: one per concern, frozen, keyword-only, documented field by field."""
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field, value and a fix."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The transformer around the MoE layers.
+
+    Attributes:
+      vocab_size: embedding rows; the byte tokenizer needs at least 259 (256 bytes + 3 specials).
+      d_model: residual stream width.
+      num_layers: transformer blocks.
+      num_heads: query heads.
+      num_kv_heads: key/value heads (grouped-query attention); divides num_heads.
+      head_dim: width of one attention head.
+      d_ff: hidden width of the dense SwiGLU MLP in non-MoE layers.
+      seq_len: tokens per training sequence.
+      rope_theta: RoPE base frequency.
+      norm_eps: RMSNorm epsilon.
+      dtype: compute dtype, "float32" or "bfloat16" (parameters stay float32).
+      tie_embeddings: reuse the input embedding as the output projection.
+    """
+
+    vocab_size: int = 264
+    d_model: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    d_ff: int = 512
+    seq_len: int = 128
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    dtype: str = "float32"
+    tie_embeddings: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """The sparse layers: router -> dispatch -> experts -> combine.
+
+    Attributes:
+      num_experts: routed experts per MoE layer; 0 makes every layer dense.
+      top_k: experts chosen per token.
+      d_expert: hidden width of one routed expert (SwiGLU).
+      num_shared_experts: always-on experts of width d_expert, added to the routed output.
+      moe_every: every n-th layer is MoE (layers n-1, 2n-1, ...); 1 makes every layer MoE.
+      first_dense_layers: this many leading layers stay dense whatever moe_every says.
+      router: routing rule; "topk" (softmax, top-k).
+      renormalize: rescale the top-k weights to sum to one.
+      aux_loss_weight: weight of the Switch load-balancing loss E * sum_i f_i P_i.
+      z_loss_weight: weight of the router z-loss mean(logsumexp(logits)^2).
+      dispatch: "dropless" (sort by expert, grouped matmul) or "capacity" (fixed slots).
+      capacity_factor: capacity dispatch slots per expert = ceil(cf * tokens * top_k / E).
+      gmm_impl: grouped-matmul backend ("xla", "ragged_dot", "reference"); "" = by platform.
+    """
+
+    num_experts: int = 8
+    top_k: int = 2
+    d_expert: int = 256
+    num_shared_experts: int = 0
+    moe_every: int = 1
+    first_dense_layers: int = 0
+    router: str = "topk"
+    renormalize: bool = True
+    aux_loss_weight: float = 0.01
+    z_loss_weight: float = 1e-3
+    dispatch: str = "dropless"
+    capacity_factor: float = 1.25
+    gmm_impl: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """Mesh axis sizes; their product must equal the device count. -1 takes what is left.
+
+    Attributes:
+      data: data-parallel replicas (batch split, parameters replicated).
+      fsdp: fully-sharded data parallel (batch split, parameters sharded on `embed`).
+      tensor: tensor parallel (heads, MLP hidden and vocab split).
+      expert: expert parallel (experts split; the batch is split over it too).
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+
+    def axis_sizes(self, num_devices: int) -> dict:
+        """Axis name -> size with a -1 resolved against `num_devices`."""
+        sizes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        known = 1
+        for v in sizes.values():
+            known *= v if v > 0 else 1
+        return {k: (num_devices // known if v == -1 else v) for k, v in sizes.items()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Optimisation and the loop around it.
+
+    Attributes:
+      steps: optimizer steps.
+      batch_size: sequences per step (global, split over data, fsdp and expert axes).
+      learning_rate: peak AdamW learning rate.
+      warmup_steps: linear warmup before cosine decay.
+      min_lr_ratio: final learning rate as a fraction of the peak.
+      weight_decay: AdamW decoupled weight decay.
+      b1: Adam beta1.
+      b2: Adam beta2.
+      grad_clip: global-norm gradient clipping (0 disables).
+      seed: parameter initialisation and batch sampling seed.
+      eval_every: steps between validation passes (0: only at the end).
+      eval_batches: validation batches per domain per pass.
+      checkpoint_every: steps between checkpoints (0: only at the end).
+      keep_checkpoints: how many recent checkpoints to keep.
+      log_every: steps between metric lines in metrics.jsonl.
+    """
+
+    steps: int = 300
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 100
+    eval_batches: int = 4
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where tokens come from.
+
+    Attributes:
+      corpus: "python_docs" (built in: documentation prose + stdlib code) or "paths".
+      paths: text files or folders, one domain each, when corpus == "paths".
+      max_code_bytes: bytes of standard-library source read for the code domain.
+      val_fraction: share of documents held out for validation (by document).
+      domain_weights: sampling weight per domain; empty means equal weights.
+    """
+
+    corpus: str = "python_docs"
+    paths: tuple = ()
+    max_code_bytes: int = 3_000_000
+    val_fraction: float = 0.05
+    domain_weights: tuple = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """A whole run. `name` labels the run directory."""
+
+    name: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+SECTIONS = ("model", "moe", "parallel", "train", "data")
+
+
+def from_dict(d: dict) -> Config:
+    """Inverse of `Config.to_dict` (lists become tuples)."""
+    kinds = {f.name: f.type for f in dataclasses.fields(Config)}
+    classes = dict(model=ModelConfig, moe=MoEConfig, parallel=ParallelConfig,
+                   train=TrainConfig, data=DataConfig)
+    kw = {}
+    for key, value in d.items():
+        if key in classes:
+            value = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+            kw[key] = classes[key](**value)
+        elif key in kinds:
+            kw[key] = value
+    return Config(**kw)

@@ -1,0 +1,161 @@
+"""`validate(cfg, num_devices)`: reject an inconsistent config before anything compiles.
+
+Every error names the field, the value seen and values that would work:
+
+    >>> validate(apply_overrides(tiny(), ["moe.top_k=9"]), num_devices=8)
+    ConfigError: moe.top_k=9 exceeds moe.num_experts=8; use 1..8
+"""
+
+import math
+
+from toolkit.config.schema import Config, ConfigError
+
+_DTYPES = ("float32", "bfloat16")
+_DISPATCH = ("dropless", "capacity")
+_ROUTERS = ("topk",)
+_CORPORA = ("python_docs", "paths")
+MIN_VOCAB = 259
+
+
+def _divisors_near(n: int, base: int, count: int = 3) -> str:
+    """Multiples of `base` near `n`, for messages like 'use 4, 8, 12'."""
+    lo = max(base, (n // base) * base)
+    vals = sorted({v for v in (lo - base, lo, lo + base, lo + 2 * base) if v > 0})
+    return ", ".join(str(v) for v in vals[:count])
+
+
+def _positive(errors, key, value):
+    if not isinstance(value, int) or value < 1:
+        errors.append(f"{key}={value!r} must be a positive integer")
+
+
+def _mesh_errors(cfg: Config, num_devices) -> list:
+    p, errors = cfg.parallel, []
+    sizes = {"data": p.data, "fsdp": p.fsdp, "tensor": p.tensor, "expert": p.expert}
+    fill = [k for k, v in sizes.items() if v == -1]
+    for k, v in sizes.items():
+        if v != -1 and (not isinstance(v, int) or v < 1):
+            errors.append(f"parallel.{k}={v!r} must be a positive integer or -1 (take the rest)")
+    if len(fill) > 1:
+        errors.append(f"parallel: only one axis may be -1, got {', '.join(fill)}; set the others")
+    if errors or num_devices is None:
+        return errors
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if fill and num_devices % fixed:
+        errors.append(f"parallel.{fill[0]}=-1 cannot fill {num_devices} devices: the other axes "
+                      f"multiply to {fixed}, which does not divide {num_devices}")
+    elif not fill and fixed != num_devices:
+        shape = ",".join(f"{k}={v}" for k, v in sizes.items() if v != 1) or "all 1"
+        errors.append(f"parallel mesh ({shape}) has {fixed} devices but {num_devices} are "
+                      f"available; make the axes multiply to {num_devices} (e.g. --mesh "
+                      f"data={num_devices}) or set one axis to -1")
+    return errors
+
+
+def validate(cfg: Config, num_devices: int | None = None, domain_tokens: dict | None = None) -> Config:
+    """Return `cfg` unchanged if it can run, else raise `ConfigError` listing every problem.
+
+    Args:
+      cfg: the config to check.
+      num_devices: devices the mesh must cover (None skips the device-count check).
+      domain_tokens: `{"train/prose": n_tokens, ...}` to check seq_len against the corpus.
+    """
+    m, moe, t, d = cfg.model, cfg.moe, cfg.train, cfg.data
+    errors = []
+    for key in ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff", "seq_len"):
+        _positive(errors, f"model.{key}", getattr(m, key))
+    for key in ("steps", "batch_size", "eval_batches", "keep_checkpoints", "log_every"):
+        _positive(errors, f"train.{key}", getattr(t, key))
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+    if m.vocab_size < MIN_VOCAB:
+        errors.append(f"model.vocab_size={m.vocab_size} is below the byte tokenizer's "
+                      f"{MIN_VOCAB} ids; use 264")
+    if m.num_heads % m.num_kv_heads:
+        ok = [k for k in range(1, m.num_heads + 1) if m.num_heads % k == 0]
+        errors.append(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads="
+                      f"{m.num_kv_heads}; use num_kv_heads in {ok}")
+    if m.head_dim % 2:
+        errors.append(f"model.head_dim={m.head_dim} must be even for RoPE; use {m.head_dim + 1}")
+    if m.dtype not in _DTYPES:
+        errors.append(f"model.dtype={m.dtype!r} is not supported; use one of {_DTYPES}")
+
+    if moe.num_experts < 0:
+        errors.append(f"moe.num_experts={moe.num_experts} must be >= 0 (0 = dense model)")
+    if moe.num_experts > 0:
+        if not 1 <= moe.top_k <= moe.num_experts:
+            errors.append(f"moe.top_k={moe.top_k} exceeds moe.num_experts={moe.num_experts}; "
+                          f"use 1..{moe.num_experts}" if moe.top_k > 0 else
+                          f"moe.top_k={moe.top_k} must be >= 1; use 1..{moe.num_experts}")
+        _positive(errors, "moe.d_expert", moe.d_expert)
+        _positive(errors, "moe.moe_every", moe.moe_every)
+        if moe.router not in _ROUTERS:
+            errors.append(f"moe.router={moe.router!r} is unknown; use one of {_ROUTERS}")
+        if moe.dispatch not in _DISPATCH:
+            errors.append(f"moe.dispatch={moe.dispatch!r} is unknown; use one of {_DISPATCH}")
+        if moe.capacity_factor <= 0:
+            errors.append(f"moe.capacity_factor={moe.capacity_factor} must be > 0; use e.g. 1.25")
+        if moe.first_dense_layers < 0 or moe.first_dense_layers >= m.num_layers:
+            errors.append(f"moe.first_dense_layers={moe.first_dense_layers} must be in "
+                          f"0..{m.num_layers - 1} so that some layer is MoE")
+        from pallas_kernels import GMM_IMPLS
+        if moe.gmm_impl and moe.gmm_impl not in GMM_IMPLS:
+            errors.append(f"moe.gmm_impl={moe.gmm_impl!r} is unknown; use '' or one of {GMM_IMPLS}")
+    if moe.num_shared_experts < 0:
+        errors.append(f"moe.num_shared_experts={moe.num_shared_experts} must be >= 0")
+    if moe.aux_loss_weight < 0 or moe.z_loss_weight < 0:
+        errors.append(f"moe.aux_loss_weight={moe.aux_loss_weight} and moe.z_loss_weight="
+                      f"{moe.z_loss_weight} must be >= 0")
+
+    mesh_errors = _mesh_errors(cfg, num_devices)
+    errors += mesh_errors
+    if not mesh_errors:
+        sizes = cfg.parallel.axis_sizes(num_devices or 1)
+        tp, ep = sizes["tensor"], sizes["expert"]
+        if moe.num_experts > 0 and moe.num_experts % ep:
+            errors.append(f"moe.num_experts={moe.num_experts} is not divisible by mesh axis "
+                          f"expert={ep}; use {_divisors_near(moe.num_experts, ep)}")
+        for key, value in (("model.num_heads", m.num_heads), ("model.num_kv_heads", m.num_kv_heads),
+                           ("model.d_ff", m.d_ff), ("model.vocab_size", m.vocab_size)):
+            if value % tp:
+                errors.append(f"{key}={value} is not divisible by mesh axis tensor={tp}; "
+                              f"use {_divisors_near(value, tp)}")
+        if moe.num_experts > 0 and moe.d_expert % tp:
+            errors.append(f"moe.d_expert={moe.d_expert} is not divisible by mesh axis tensor={tp}; "
+                          f"use {_divisors_near(moe.d_expert, tp)}")
+        if m.d_model % sizes["fsdp"]:
+            errors.append(f"model.d_model={m.d_model} is not divisible by mesh axis fsdp="
+                          f"{sizes['fsdp']}; use {_divisors_near(m.d_model, sizes['fsdp'])}")
+        if num_devices is not None:
+            shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+            if t.batch_size % shards:
+                errors.append(f"train.batch_size={t.batch_size} is not divisible by data*fsdp*"
+                              f"expert={shards}; use {_divisors_near(t.batch_size, shards)}")
+
+    if t.warmup_steps < 0 or t.warmup_steps >= t.steps:
+        errors.append(f"train.warmup_steps={t.warmup_steps} must be in 0..{t.steps - 1} "
+                      f"(below train.steps={t.steps})")
+    if t.learning_rate <= 0:
+        errors.append(f"train.learning_rate={t.learning_rate} must be > 0; use e.g. 1e-3")
+    if not 0 <= t.min_lr_ratio <= 1:
+        errors.append(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    for key in ("eval_every", "checkpoint_every"):
+        if getattr(t, key) < 0:
+            errors.append(f"train.{key}={getattr(t, key)} must be >= 0 (0 = only at the end)")
+
+    if d.corpus not in _CORPORA:
+        errors.append(f"data.corpus={d.corpus!r} is unknown; use one of {_CORPORA}")
+    if d.corpus == "paths" and not d.paths:
+        errors.append("data.corpus='paths' needs data.paths, e.g. --set data.paths=notes/,book.txt")
+    if not 0 < d.val_fraction < 1:
+        errors.append(f"data.val_fraction={d.val_fraction} must be in (0, 1); use e.g. 0.05")
+    if domain_tokens:
+        need = m.seq_len + 1
+        for name, n in sorted(domain_tokens.items()):
+            if n < need:
+                errors.append(f"model.seq_len={m.seq_len} is beyond the corpus: {name} has only "
+                              f"{n} tokens; use model.seq_len <= {max(1, n - 1)} or add text")
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return cfg

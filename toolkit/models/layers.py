@@ -1,0 +1,71 @@
+"""Building blocks: parameters with logical axis names, RMSNorm, embeddings, RoPE, SwiGLU.
+
+Every parameter is created through `param`, which records its logical axis names as
+Variable metadata; `toolkit.sharding.state_shardings` turns those into shardings.
+
+    w = param(rngs, (d_model, d_ff), ("embed", "mlp"))    # nnx.Param, fan-in scaled normal
+    y_btd = SwiGLU(d_model, d_ff, rngs=rngs)(x_btd)
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def param(rngs: nnx.Rngs, shape, names, *, fan_in=None, scale=1.0) -> nnx.Param:
+    """A float32 parameter ~ N(0, scale^2 / fan_in) carrying `logical_axes=names`."""
+    fan_in = fan_in if fan_in is not None else shape[0]
+    std = scale / jnp.sqrt(fan_in)
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32),
+                     logical_axes=tuple(names))
+
+
+class RMSNorm(nnx.Module):
+    """y = x / rms(x) * scale, computed in float32."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=(None,))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...]).astype(x.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding table `[vocab, d]`; `attend` reuses it as the output projection."""
+
+    def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs):
+        self.table = param(rngs, (vocab, dim), ("vocab", "embed"), fan_in=1)
+
+    def __call__(self, ids_bt, dtype):
+        return jnp.take(self.table[...].astype(dtype), ids_bt, axis=0)
+
+    def attend(self, x_btd):
+        return jnp.einsum("btd,vd->btv", x_btd, self.table[...].astype(x_btd.dtype))
+
+
+def rope(x_bthk, positions_bt, theta: float):
+    """Rotary position embedding over the last axis (split-half convention)."""
+    half = x_bthk.shape[-1] // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles_bth = positions_bt[..., None].astype(jnp.float32) * freqs
+    sin, cos = jnp.sin(angles_bth)[:, :, None, :], jnp.cos(angles_bth)[:, :, None, :]
+    x1, x2 = jnp.split(x_bthk.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_bthk.dtype)
+
+
+class SwiGLU(nnx.Module):
+    """Dense gated MLP: (silu(x W_gate) * x W_up) W_down."""
+
+    def __init__(self, d_model: int, d_ff: int, *, rngs: nnx.Rngs):
+        self.w_gate = param(rngs, (d_model, d_ff), ("embed", "mlp"))
+        self.w_up = param(rngs, (d_model, d_ff), ("embed", "mlp"))
+        self.w_down = param(rngs, (d_ff, d_model), ("mlp", "embed"))
+
+    def __call__(self, x):
+        dt = x.dtype
+        h = jax.nn.silu(x @ self.w_gate[...].astype(dt)) * (x @ self.w_up[...].astype(dt))
+        return h @ self.w_down[...].astype(dt)

@@ -1,0 +1,49 @@
+"""Build the device mesh from `ParallelConfig`, and shardings for whole model states.
+
+    mesh = make_mesh(ParallelConfig(data=2, fsdp=4))     # 8 devices, axes data/fsdp/tensor/expert
+    shardings = state_shardings(nnx.state(model), mesh)  # from each Variable's logical_axes
+
+Axes are `Auto`: the compiler propagates shardings between the ones we pin (parameters,
+batch, and constraints inside the model). Explicit collectives live in shard_map code.
+"""
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from toolkit.sharding.rules import DEFAULT_RULES, logical_to_spec
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+
+def make_mesh(parallel, devices=None) -> jax.sharding.Mesh:
+    """A mesh with axes `MESH_AXES`, sizes from `parallel` (a -1 axis takes the rest)."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = parallel.axis_sizes(len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices, "
+                         f"got {len(devices)}; run validate(cfg, num_devices) first")
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+def _is_var(x):
+    return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state, mesh, rules=DEFAULT_RULES):
+    """NamedSharding per leaf of an nnx State, from each Variable's `logical_axes` metadata."""
+    def one(v):
+        names = v.get_metadata().get("logical_axes") if _is_var(v) else None
+        shape = np.shape(v.get_value() if _is_var(v) else v)
+        if names is None or len(names) != len(shape):
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, logical_to_spec(names, rules))
+    return jax.tree.map(one, state, is_leaf=_is_var)
+
+
+def batch_sharding(mesh, rules=DEFAULT_RULES) -> NamedSharding:
+    """Sharding of `[batch, seq]` token arrays."""
+    return NamedSharding(mesh, logical_to_spec(("batch", "seq"), rules))

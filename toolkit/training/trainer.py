@@ -1,0 +1,240 @@
+"""The training loop: validate, build the mesh and model, step, evaluate, checkpoint, report.
+
+A `Trainer` runs step by step, so a notebook can draw between steps and stop at will,
+while `run()` is the whole job the CLI uses:
+
+    trainer = Trainer(cfg, out_dir="runs/tiny")           # validates before compiling
+    metrics = trainer.train_step()                        # one step, host floats
+    summary = trainer.run()                               # to cfg.train.steps, then report
+
+A run directory holds `config.json`, `metrics.jsonl` (one line per logged step and per
+validation pass), `checkpoints/`, and at the end `summary.json`, PNG plots and
+`report.md`. An existing run is never overwritten: pass `resume=True` to continue it
+from its latest checkpoint, exactly where an uninterrupted run would be.
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from toolkit.analysis import (count_params, domain_preferences, domain_specialization,
+                              load_fractions, load_imbalance)
+from toolkit.config import Config, ConfigError, from_dict, validate
+from toolkit.data import Batches, load_corpus, unigram_bits_per_byte
+from toolkit.models.transformer import moe_layer_indices
+from toolkit.sharding.mesh import MESH_AXES, batch_sharding, make_mesh
+from toolkit.training.checkpoint import Checkpointer
+from toolkit.training.report import render_report
+from toolkit.training.step import (abstract_state, graphdef_of, init_state, learning_rate,
+                                   make_eval_step, make_train_step, to_host)
+from toolkit.viz import plots
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, out_dir=None, resume: bool = False, devices=None,
+                 progress: bool = True):
+        devices = list(devices if devices is not None else jax.devices())
+        validate(cfg, len(devices))
+        self.corpus = load_corpus(cfg.data)
+        validate(cfg, len(devices), domain_tokens=self.corpus.num_tokens())
+        self.cfg, self.progress = cfg, progress
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.batches = Batches(self.corpus, seq_len=cfg.model.seq_len,
+                               batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                               domain_weights=cfg.data.domain_weights)
+        self.mesh = make_mesh(cfg.parallel, devices)
+        self.moe_layers = moe_layer_indices(cfg)
+        self.history, self.val_history = [], []
+        self.step_num, self.compile_seconds, self.train_seconds = 0, 0.0, 0.0
+        self._compiled = None
+        self.checkpointer = self._open_run_dir(resume)
+        if resume and self.checkpointer and self.checkpointer.latest_step() is not None:
+            self.state, meta = self.checkpointer.restore(abstract_state(cfg, self.mesh))
+            self.graphdef = graphdef_of(cfg)
+            self.step_num = int(meta["step"])
+            self.compile_seconds = float(meta.get("compile_seconds", 0.0))
+            self.train_seconds = float(meta.get("train_seconds", 0.0))
+            self._reload_metrics()
+        else:
+            self.graphdef, self.state = init_state(cfg, self.mesh)
+        self.train_fn = make_train_step(cfg, self.graphdef, self.mesh, self.state)
+        self.eval_fn = make_eval_step(cfg, self.graphdef, self.mesh, self.state,
+                                      len(self.corpus.domains))
+
+    # -- run directory -------------------------------------------------------------------
+    def _open_run_dir(self, resume: bool):
+        if self.out_dir is None:
+            return None
+        ckpt_dir = self.out_dir / "checkpoints"
+        config_path = self.out_dir / "config.json"
+        if config_path.exists() and not resume:
+            raise ConfigError(f"run directory {str(self.out_dir)!r} already holds a run; pass "
+                              f"--resume to continue it, or choose another --out")
+        if config_path.exists():
+            saved = from_dict(json.loads(config_path.read_text()))
+            if saved != self.cfg:
+                diff = [k for k in ("model", "moe", "parallel", "train", "data")
+                        if getattr(saved, k) != getattr(self.cfg, k)]
+                raise ConfigError(f"--resume: the config differs from the one saved in "
+                                  f"{config_path} (sections {diff}); resume with the same "
+                                  f"--preset/--set values, or start a new --out")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(config_path, self.cfg.to_json())
+        return Checkpointer(ckpt_dir, keep=self.cfg.train.keep_checkpoints)
+
+    def _reload_metrics(self):
+        path = self.out_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec["step"] <= self.step_num:
+                kept.append(line)
+                (self.val_history if rec.get("split") == "val" else self.history).append(rec)
+        _write_atomic(path, "".join(k + "\n" for k in kept))
+
+    def _log(self, rec: dict):
+        if self.out_dir is not None:
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    # -- steps ---------------------------------------------------------------------------
+    def _device_batch(self, batch: dict) -> dict:
+        sh = batch_sharding(self.mesh)
+        return {k: jax.device_put(v, sh) for k, v in batch.items()}
+
+    def train_step(self) -> dict:
+        """Run one optimizer step; return its metrics as host values (also logged)."""
+        batch = self._device_batch(self.batches.train(self.step_num))
+        if self._compiled is None:
+            t0 = time.perf_counter()
+            self._compiled = self.train_fn.lower(self.state, batch).compile()
+            self.compile_seconds += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.state, metrics = self._compiled(self.state, batch)
+        m = to_host(metrics)
+        dt = time.perf_counter() - t0
+        self.train_seconds += dt
+        self.step_num += 1
+        rec = {"step": self.step_num, "loss": float(m["loss"]), "ce": float(m["ce"]),
+               "grad_norm": float(m["grad_norm"]), "lr": learning_rate(self.cfg, self.step_num - 1),
+               "tokens_per_s": self.cfg.train.batch_size * self.cfg.model.seq_len / dt}
+        if "expert_counts" in m:
+            rec.update(load_balance_loss=m["load_balance_loss"].tolist(),
+                       z_loss=m["z_loss"].tolist(), drop_rate=m["dropped_fraction"].tolist(),
+                       router_entropy=m["router_entropy"].tolist(),
+                       expert_counts=m["expert_counts"].tolist())
+        self.history.append(rec)
+        if self.step_num % self.cfg.train.log_every == 0 or self.step_num == self.cfg.train.steps:
+            self._log(rec)
+        return rec
+
+    def evaluate(self) -> dict:
+        """Validation loss and bits per byte per domain, and expert counts per domain."""
+        sums = None
+        for _, batch in self.batches.validation(self.cfg.train.eval_batches):
+            out = to_host(self.eval_fn(self.state, self._device_batch(batch)))
+            sums = out if sums is None else jax.tree.map(np.add, sums, out)
+        doms = self.corpus.domains
+        rec = {"step": self.step_num, "split": "val",
+               "val_loss": {d: float(sums["nats"][i] / sums["tokens"][i]) for i, d in enumerate(doms)},
+               "val_bits_per_byte": {d: float(sums["nats"][i] / sums["bytes"][i] / np.log(2))
+                                     for i, d in enumerate(doms)},
+               "val_loss_all": float(sums["nats"].sum() / sums["tokens"].sum())}
+        if "domain_counts" in sums:
+            rec["domain_counts"] = sums["domain_counts"].tolist()
+        self.val_history.append(rec)
+        self._log(rec)
+        return rec
+
+    def save_checkpoint(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.save(self.step_num, self.state, {
+                "step": self.step_num, "compile_seconds": self.compile_seconds,
+                "train_seconds": self.train_seconds, "config": self.cfg.to_dict()})
+
+    def run(self, callback=None) -> dict:
+        """Train to `train.steps` (evaluating and checkpointing on schedule), then finish."""
+        t = self.cfg.train
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=t.steps, initial=self.step_num, desc=self.cfg.name, unit="step")
+        while self.step_num < t.steps:
+            rec = self.train_step()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['ce']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}")
+            if t.eval_every and self.step_num % t.eval_every == 0 and self.step_num < t.steps:
+                self.evaluate()
+            if t.checkpoint_every and self.step_num % t.checkpoint_every == 0:
+                self.save_checkpoint()
+            if callback is not None and callback(self, rec) is False:
+                break
+        if bar is not None:
+            bar.close()
+        return self.finish()
+
+    # -- the end of a run ----------------------------------------------------------------
+    def summary(self) -> dict:
+        cfg, hist = self.cfg, self.history
+        if not self.val_history or self.val_history[-1]["step"] != self.step_num:
+            self.evaluate()
+        val = self.val_history[-1]
+        total, active = count_params(cfg)
+        sizes = cfg.parallel.axis_sizes(self.mesh.size)
+        timed = hist[1:] if len(hist) > 1 else hist
+        s = {"name": cfg.name, "steps": self.step_num,
+             "tokens_seen": self.step_num * cfg.train.batch_size * cfg.model.seq_len,
+             "mesh": ",".join(f"{a}={sizes[a]}" for a in MESH_AXES if sizes[a] > 1) or "1 device",
+             "num_devices": self.mesh.size, "platform": jax.devices()[0].platform,
+             "params_total": total, "params_active": active,
+             "final_train_ce": float(np.mean([h["ce"] for h in hist[-10:]])) if hist else None,
+             "final_val_loss": val["val_loss_all"], "val_loss": val["val_loss"],
+             "val_bits_per_byte": val["val_bits_per_byte"],
+             "unigram_bits_per_byte": unigram_bits_per_byte(self.corpus),
+             "tokens_per_s": float(np.mean([h["tokens_per_s"] for h in timed])) if timed else 0.0,
+             "compile_seconds": self.compile_seconds, "domains": list(self.corpus.domains),
+             "moe_layers": self.moe_layers}
+        if self.moe_layers and hist:
+            tail = hist[-max(1, len(hist) // 10):]
+            counts_le = np.sum([h["expert_counts"] for h in tail], axis=0)
+            s.update(expert_counts=counts_le.tolist(),
+                     expert_load=load_fractions(counts_le).tolist(),
+                     load_imbalance=load_imbalance(counts_le).tolist(),
+                     drop_rate=np.mean([h["drop_rate"] for h in tail], axis=0).tolist(),
+                     router_entropy=np.mean([h["router_entropy"] for h in tail], axis=0).tolist(),
+                     domain_counts=val["domain_counts"],
+                     domain_preferences=domain_preferences(val["domain_counts"], self.corpus.domains),
+                     domain_specialization=domain_specialization(val["domain_counts"]).tolist())
+        return s
+
+    def finish(self) -> dict:
+        """Evaluate, checkpoint, and write summary.json, plots and report.md."""
+        s = self.summary()
+        if self.out_dir is not None:
+            if self.checkpointer.latest_step() != self.step_num:
+                self.save_checkpoint()
+            _write_atomic(self.out_dir / "summary.json", json.dumps(s, indent=2))
+            plots.save(plots.loss_curves(self.history, self.val_history), self.out_dir / "loss.png")
+            if self.moe_layers:
+                names = [f"L{i}" for i in self.moe_layers]
+                plots.save(plots.expert_load_heatmap(s["expert_counts"], layer_names=names),
+                           self.out_dir / "expert_load.png")
+                plots.save(plots.domain_preference_heatmap(s["domain_counts"], s["domains"],
+                                                           layer_names=names),
+                           self.out_dir / "domain_preference.png")
+            _write_atomic(self.out_dir / "report.md", render_report(s))
+        return s
+
