@@ -10,8 +10,7 @@ import dataclasses  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from toolkit.config import (Config, DataConfig, MoEConfig, ModelConfig, ParallelConfig,  # noqa: E402
-                            TrainConfig)
+from toolkit.config import Config, DataConfig, ModelConfig, MoEConfig, ParallelConfig, TrainConfig  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

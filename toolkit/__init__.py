@@ -5,9 +5,23 @@
     summary = tk.Trainer(cfg, out_dir="runs/tiny16").run()
 """
 
-from toolkit.config import (PRESETS, Config, ConfigError, DataConfig, MoEConfig, ModelConfig,
-                            ParallelConfig, TrainConfig, apply_overrides, dense_twin, describe,
-                            preset, small, tiny, validate)
+from toolkit.config import (
+                            PRESETS,
+                            Config,
+                            ConfigError,
+                            DataConfig,
+                            ModelConfig,
+                            MoEConfig,
+                            ParallelConfig,
+                            TrainConfig,
+                            apply_overrides,
+                            dense_twin,
+                            describe,
+                            preset,
+                            small,
+                            tiny,
+                            validate,
+)
 from toolkit.data import Batches, ByteTokenizer, load_corpus
 from toolkit.models.transformer import Transformer
 from toolkit.moe import MoEAux, MoELayer, Routing

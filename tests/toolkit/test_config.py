@@ -4,8 +4,17 @@ import dataclasses
 
 import pytest
 
-from toolkit.config import (PRESETS, ConfigError, all_keys, apply_overrides, describe, from_dict,
-                            preset, tiny, validate)
+from toolkit.config import (
+    PRESETS,
+    ConfigError,
+    all_keys,
+    apply_overrides,
+    describe,
+    from_dict,
+    preset,
+    tiny,
+    validate,
+)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -5,8 +5,7 @@
 """
 
 from toolkit.analysis.params import count_params
-from toolkit.analysis.routing import (domain_preferences, domain_specialization, load_fractions,
-                                      load_imbalance)
+from toolkit.analysis.routing import domain_preferences, domain_specialization, load_fractions, load_imbalance
 
 __all__ = ["count_params", "domain_preferences", "domain_specialization", "load_fractions",
            "load_imbalance"]

@@ -10,10 +10,27 @@ overrides, the same way from the CLI, a notebook or a widget:
 """
 
 from toolkit.config.overrides import all_keys, apply_overrides, describe
-from toolkit.config.presets import (PRESETS, deepseek_v3, dense_twin, ling_mini_2, mixtral_8x7b,
-                                    preset, qwen3_30b_a3b, small, tiny)
-from toolkit.config.schema import (Config, ConfigError, DataConfig, MoEConfig, ModelConfig,
-                                   ParallelConfig, TrainConfig, from_dict)
+from toolkit.config.presets import (
+                                    PRESETS,
+                                    deepseek_v3,
+                                    dense_twin,
+                                    ling_mini_2,
+                                    mixtral_8x7b,
+                                    preset,
+                                    qwen3_30b_a3b,
+                                    small,
+                                    tiny,
+)
+from toolkit.config.schema import (
+                                    Config,
+                                    ConfigError,
+                                    DataConfig,
+                                    ModelConfig,
+                                    MoEConfig,
+                                    ParallelConfig,
+                                    TrainConfig,
+                                    from_dict,
+)
 from toolkit.config.validate import validate
 
 __all__ = [

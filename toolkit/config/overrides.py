@@ -14,7 +14,6 @@ import inspect
 from toolkit.config.schema import Config, ConfigError
 
 
-
 def suggest(word, options) -> str:
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -79,7 +78,8 @@ def apply_overrides(cfg: Config, overrides) -> Config:
             raise ConfigError(f"unknown config key {key!r}{suggest(key, all_keys(cfg))}; "
                               f"{sec} has: {', '.join(names)}")
         current = getattr(obj, name)
-        new = _parse(key, value, current) if isinstance(value, str) and not isinstance(current, str) else value
+        parse = isinstance(value, str) and not isinstance(current, str)
+        new = _parse(key, value, current) if parse else value
         obj = dataclasses.replace(obj, **{name: new})
         sections[sec] = obj
         cfg = dataclasses.replace(cfg, **{sec: obj})

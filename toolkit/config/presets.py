@@ -8,7 +8,7 @@ Ling's sigmoid router), the preset keeps the tensor shapes and the top-k softmax
 
 import dataclasses
 
-from toolkit.config.schema import Config, MoEConfig, ModelConfig, ParallelConfig, TrainConfig
+from toolkit.config.schema import Config, ModelConfig, MoEConfig, ParallelConfig, TrainConfig
 
 
 def tiny() -> Config:

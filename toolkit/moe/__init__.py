@@ -4,8 +4,15 @@
     y_btd, aux = layer(x_btd)        # aux: MoEAux (counts, drops, losses, entropy, ids)
 """
 
-from toolkit.moe.dispatch import (DispatchPlan, capacity, capacity_plan, combine, dispatch,
-                                  dropless_plan, dropped_fraction)
+from toolkit.moe.dispatch import (
+                                  DispatchPlan,
+                                  capacity,
+                                  capacity_plan,
+                                  combine,
+                                  dispatch,
+                                  dropless_plan,
+                                  dropped_fraction,
+)
 from toolkit.moe.experts import Experts
 from toolkit.moe.layer import MoEAux, MoELayer
 from toolkit.moe.losses import expert_counts, load_balance_loss, router_entropy, z_loss

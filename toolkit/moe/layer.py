@@ -10,14 +10,12 @@ d_expert` that every token passes through; its output is added to the routed out
 """
 
 import jax
-import jax.numpy as jnp
 from flax import nnx, struct
 
 from toolkit.config import MoEConfig
 from toolkit.models.layers import SwiGLU
 from toolkit.moe import losses
-from toolkit.moe.dispatch import (capacity_plan, combine, dispatch, dropless_plan,
-                                  dropped_fraction)
+from toolkit.moe.dispatch import capacity_plan, combine, dispatch, dropless_plan, dropped_fraction
 from toolkit.moe.experts import Experts
 from toolkit.moe.router import TopKRouter
 

@@ -10,7 +10,8 @@ batch, and constraints inside the model). Explicit collectives live in shard_map
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from toolkit.sharding.rules import DEFAULT_RULES, logical_to_spec
 
@@ -23,7 +24,7 @@ def make_mesh(parallel, devices=None) -> jax.sharding.Mesh:
     sizes = parallel.axis_sizes(len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
     if int(np.prod(shape)) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices, "
+        raise ValueError(f"mesh {sizes} needs {int(np.prod(shape))} devices, "
                          f"got {len(devices)}; run validate(cfg, num_devices) first")
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                          devices=devices)

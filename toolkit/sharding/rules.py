@@ -11,7 +11,8 @@ A mesh axis is used at most once per array: when two names map to the same mesh 
 """
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 # Logical names used by the toolkit's modules, with their meaning.
 LOGICAL_AXES = {

@@ -6,8 +6,14 @@
 
 from toolkit.training.checkpoint import Checkpointer
 from toolkit.training.report import render_report
-from toolkit.training.step import (abstract_state, init_state, loss_fn, make_eval_step,
-                                   make_optimizer, make_train_step)
+from toolkit.training.step import (
+                                   abstract_state,
+                                   init_state,
+                                   loss_fn,
+                                   make_eval_step,
+                                   make_optimizer,
+                                   make_train_step,
+)
 from toolkit.training.trainer import Trainer
 
 __all__ = ["Checkpointer", "Trainer", "abstract_state", "init_state", "loss_fn",

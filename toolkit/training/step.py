@@ -86,7 +86,7 @@ def _train_step(model, optimizer, batch, cfg):
     grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
     (_, metrics), grads = grad_fn(model, batch, cfg)
     optimizer.update(model, grads)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return metrics
 
 

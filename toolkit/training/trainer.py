@@ -21,16 +21,28 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from toolkit.analysis import (count_params, domain_preferences, domain_specialization,
-                              load_fractions, load_imbalance)
+from toolkit.analysis import (
+    count_params,
+    domain_preferences,
+    domain_specialization,
+    load_fractions,
+    load_imbalance,
+)
 from toolkit.config import Config, ConfigError, from_dict, validate
 from toolkit.data import Batches, load_corpus, unigram_bits_per_byte
 from toolkit.models.transformer import moe_layer_indices
 from toolkit.sharding.mesh import MESH_AXES, batch_sharding, make_mesh
 from toolkit.training.checkpoint import Checkpointer
 from toolkit.training.report import render_report
-from toolkit.training.step import (abstract_state, graphdef_of, init_state, learning_rate,
-                                   make_eval_step, make_train_step, to_host)
+from toolkit.training.step import (
+    abstract_state,
+    graphdef_of,
+    init_state,
+    learning_rate,
+    make_eval_step,
+    make_train_step,
+    to_host,
+)
 from toolkit.viz import plots
 
 
