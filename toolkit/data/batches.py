@@ -7,7 +7,7 @@ an uninterrupted run would have seen.
 
     batches = Batches(corpus, seq_len=128, batch_size=32, seed=0)
     b = batches.train(step=7)     # {"tokens", "targets", "domain"}: int32 [32, 128]
-    for dom, b in batches.validation(num_batches=4): ...
+    for dom, b in batches.validation(num_batches=4): ...   # fixed windows per domain
 """
 
 import numpy as np
@@ -49,16 +49,14 @@ class Batches:
         return {"tokens": rows[:, :-1], "targets": rows[:, 1:], "domain": domain}
 
     def validation(self, num_batches: int):
-        """`[(domain, batch), ...]`: consecutive windows from the start of each val stream."""
-        out = []
+        """`[(domain, batch), ...]`: windows spread evenly over each domain's validation stream."""
+        out, span = [], self.seq_len + 1
+        count = num_batches * self.batch_size
         for d, name in enumerate(self.corpus.domains):
             stream = self.corpus.streams["val"][name]
-            span = self.seq_len + 1
-            windows = max(1, (len(stream) - 1) // self.seq_len)
+            starts = (np.arange(count) * (len(stream) - span)) // max(count - 1, 1)
             for b in range(num_batches):
-                w = (b * self.batch_size + np.arange(self.batch_size)) % windows
-                starts = np.minimum(w * self.seq_len, len(stream) - span)
-                rows = self._rows(stream, starts)
+                rows = self._rows(stream, starts[b * self.batch_size:(b + 1) * self.batch_size])
                 domain = np.full((self.batch_size, self.seq_len), d, np.int32)
                 out.append((name, {"tokens": rows[:, :-1], "targets": rows[:, 1:], "domain": domain}))
         return out

@@ -62,8 +62,11 @@ def abstract_state(cfg: Config, mesh):
     """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
     _, abstract = nnx.split(nnx.eval_shape(lambda: _build(cfg, cfg.train.seed)))
     shardings = state_shardings(abstract, mesh)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
+    def with_sharding(var, sharding):
+        value = var.get_value()
+        return var.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
+    return jax.tree.map(with_sharding, abstract, shardings,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def loss_fn(model, batch, cfg: Config):

@@ -52,6 +52,14 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _flat(cfg: Config):
+    for key, value in cfg.to_dict().items():
+        if isinstance(value, dict):
+            yield from ((f"{key}.{k}", v) for k, v in value.items())
+        else:
+            yield key, value
+
+
 class Trainer:
     def __init__(self, cfg: Config, *, out_dir=None, resume: bool = False, devices=None,
                  progress: bool = True):
@@ -95,11 +103,11 @@ class Trainer:
         if config_path.exists():
             saved = from_dict(json.loads(config_path.read_text()))
             if saved != self.cfg:
-                diff = [k for k in ("model", "moe", "parallel", "train", "data")
-                        if getattr(saved, k) != getattr(self.cfg, k)]
-                raise ConfigError(f"--resume: the config differs from the one saved in "
-                                  f"{config_path} (sections {diff}); resume with the same "
-                                  f"--preset/--set values, or start a new --out")
+                before, after = dict(_flat(saved)), dict(_flat(self.cfg))
+                diff = ", ".join(f"{k}: saved {before[k]!r}, given {after[k]!r}"
+                                 for k in before if before[k] != after[k])
+                raise ConfigError(f"--resume: the config differs from {config_path} ({diff}); "
+                                  f"resume with the same --preset/--set values, or start a new --out")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(config_path, self.cfg.to_json())
         return Checkpointer(ckpt_dir, keep=self.cfg.train.keep_checkpoints)
