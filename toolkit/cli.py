@@ -73,7 +73,13 @@ def main(argv=None) -> int:
         from toolkit.training import Trainer
         out = args.out or os.path.join("runs", cfg.name)
         trainer = Trainer(cfg, out_dir=out, resume=args.resume, progress=not args.no_progress)
-        trainer.run()
+        try:
+            trainer.run()
+        except KeyboardInterrupt:
+            step = trainer.checkpointer.latest_step()
+            print(f"\ninterrupted; the latest checkpoint is step {step} in {trainer.out_dir}/; "
+                  f"continue with the same command plus --resume", file=sys.stderr)
+            return 130
         print((trainer.out_dir / "report.md").read_text())
         print(f"run written to {trainer.out_dir}/")
         return 0

@@ -91,3 +91,16 @@ def test_loss_falls_below_unigram():
     for dom, bpb in summary["val_bits_per_byte"].items():
         assert bpb < summary["unigram_bits_per_byte"][dom], dom
     assert trainer.history[-1]["ce"] < trainer.history[0]["ce"] - 1.0
+
+
+def test_ctrl_c_keeps_the_work_done(tmp_path):
+    def interrupt(trainer, rec):
+        if rec["step"] == 2:
+            raise KeyboardInterrupt
+    trainer = Trainer(_cfg(checkpoint_every=0), out_dir=tmp_path, devices=ONE, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(callback=interrupt)
+    assert trainer.checkpointer.latest_step() == 2
+    resumed = Trainer(_cfg(checkpoint_every=0), out_dir=tmp_path, resume=True, devices=ONE,
+                      progress=False)
+    assert resumed.step_num == 2 and len(resumed.history) == 2

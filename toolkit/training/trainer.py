@@ -87,6 +87,8 @@ class Trainer:
             self._reload_metrics()
         else:
             self.graphdef, self.state = init_state(cfg, self.mesh)
+            if self.out_dir is not None:
+                self._reload_metrics()      # a resumed run without checkpoints starts clean
         self.train_fn = make_train_step(cfg, self.graphdef, self.mesh, self.state)
         self.eval_fn = make_eval_step(cfg, self.graphdef, self.mesh, self.state,
                                       len(self.corpus.domains))
@@ -191,20 +193,32 @@ class Trainer:
         if self.progress:
             from tqdm.auto import tqdm
             bar = tqdm(total=t.steps, initial=self.step_num, desc=self.cfg.name, unit="step")
-        while self.step_num < t.steps:
-            rec = self.train_step()
+        try:
+            while self.step_num < t.steps:
+                rec = self.train_step()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{rec['ce']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}")
+                if t.eval_every and self.step_num % t.eval_every == 0 and self.step_num < t.steps:
+                    self.evaluate()
+                if t.checkpoint_every and self.step_num % t.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if callback is not None and callback(self, rec) is False:
+                    break
+        except KeyboardInterrupt:
+            self._save_on_interrupt()
+            raise
+        finally:
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['ce']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}")
-            if t.eval_every and self.step_num % t.eval_every == 0 and self.step_num < t.steps:
-                self.evaluate()
-            if t.checkpoint_every and self.step_num % t.checkpoint_every == 0:
-                self.save_checkpoint()
-            if callback is not None and callback(self, rec) is False:
-                break
-        if bar is not None:
-            bar.close()
+                bar.close()
         return self.finish()
+
+    def _save_on_interrupt(self) -> None:
+        """Ctrl-C: keep the work done so far, unless the step in flight consumed the state."""
+        alive = not any(x.is_deleted() for x in jax.tree.leaves(self.state))
+        if self.checkpointer is not None and alive and \
+                self.checkpointer.latest_step() != self.step_num:
+            self.save_checkpoint()
 
     # -- the end of a run ----------------------------------------------------------------
     def summary(self) -> dict:
