@@ -8,7 +8,8 @@ def _fmt(x, nd=3):
     return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
 
 
-def render_report(s: dict) -> str:
+def render_report(s: dict, *, with_plots: bool = False) -> str:
+    """Markdown for a summary; `with_plots` adds the line naming the run's PNG files."""
     lines = [f"# Run `{s['name']}`", "",
              f"{s['steps']} steps, {s['tokens_seen']:,} tokens, mesh {s['mesh']}, "
              f"{s['num_devices']} {s['platform']} devices. Parameters: {s['params_total']:,} total, "
@@ -24,7 +25,8 @@ def render_report(s: dict) -> str:
         lines.append(f"| {dom} | {_fmt(bpb)} | {_fmt(s['unigram_bits_per_byte'][dom])} |")
     if s.get("expert_load"):
         lines += ["", "## Experts per MoE layer", "",
-                  "Load is the share of routed assignments per expert over the last 10% of steps; "
+                  "Load is the share of routed assignments per expert over the last 10% of steps "
+                  "(at least 10); "
                   "imbalance is max/mean (1.0 is balanced).", "",
                   "| layer | load per expert | imbalance | drop rate | router entropy (nats) |",
                   "|---|---|---|---|---|"]
@@ -44,5 +46,7 @@ def render_report(s: dict) -> str:
                 cells.append(", ".join(f"e{e} ({p['lift'][e]:.2f}x)" for e in p["top_experts"]))
             lines.append(f"| {layer} | " + " | ".join(cells) +
                          f" | {s['domain_specialization'][i]:.3f} |")
-    lines += ["", "Plots: `loss.png`, `expert_load.png`, `domain_preference.png`."]
+    if with_plots:
+        names = ["loss.png"] + (["expert_load.png", "domain_preference.png"] if s.get("expert_load") else [])
+        lines += ["", "Plots: " + ", ".join(f"`{n}`" for n in names) + "."]
     return "\n".join(lines) + "\n"

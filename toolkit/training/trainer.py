@@ -144,8 +144,9 @@ class Trainer:
             self._compiled = self.train_fn.lower(self.state, batch).compile()
             self.compile_seconds += time.perf_counter() - t0
         t0 = time.perf_counter()
-        self.state, metrics = self._compiled(self.state, batch)
+        new_state, metrics = self._compiled(self.state, batch)
         m = to_host(metrics)
+        self.state = new_state          # only now: step_num and state move together
         dt = time.perf_counter() - t0
         self.train_seconds += dt
         self.step_num += 1
@@ -186,6 +187,19 @@ class Trainer:
                 "step": self.step_num, "compile_seconds": self.compile_seconds,
                 "train_seconds": self.train_seconds, "config": self.cfg.to_dict()})
 
+    def advance(self) -> dict:
+        """One step plus what the schedule asks for at it: validation and checkpoint.
+
+        Returns the step's metrics; when validation ran, its record is under `"val"`.
+        """
+        t = self.cfg.train
+        rec = self.train_step()
+        if t.eval_every and self.step_num % t.eval_every == 0 and self.step_num < t.steps:
+            rec = {**rec, "val": self.evaluate()}
+        if t.checkpoint_every and self.step_num % t.checkpoint_every == 0:
+            self.save_checkpoint()
+        return rec
+
     def run(self, callback=None) -> dict:
         """Train to `train.steps` (evaluating and checkpointing on schedule), then finish."""
         t = self.cfg.train
@@ -195,14 +209,10 @@ class Trainer:
             bar = tqdm(total=t.steps, initial=self.step_num, desc=self.cfg.name, unit="step")
         try:
             while self.step_num < t.steps:
-                rec = self.train_step()
+                rec = self.advance()
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{rec['ce']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}")
-                if t.eval_every and self.step_num % t.eval_every == 0 and self.step_num < t.steps:
-                    self.evaluate()
-                if t.checkpoint_every and self.step_num % t.checkpoint_every == 0:
-                    self.save_checkpoint()
                 if callback is not None and callback(self, rec) is False:
                     break
         except KeyboardInterrupt:
@@ -242,7 +252,7 @@ class Trainer:
              "compile_seconds": self.compile_seconds, "domains": list(self.corpus.domains),
              "moe_layers": self.moe_layers}
         if self.moe_layers and hist:
-            tail = hist[-max(1, len(hist) // 10):]
+            tail = hist[-max(10, len(hist) // 10):]
             counts_le = np.sum([h["expert_counts"] for h in tail], axis=0)
             s.update(expert_counts=counts_le.tolist(),
                      expert_load=load_fractions(counts_le).tolist(),
@@ -269,6 +279,6 @@ class Trainer:
                 plots.save(plots.domain_preference_heatmap(s["domain_counts"], s["domains"],
                                                            layer_names=names),
                            self.out_dir / "domain_preference.png")
-            _write_atomic(self.out_dir / "report.md", render_report(s))
+            _write_atomic(self.out_dir / "report.md", render_report(s, with_plots=True))
         return s
 

@@ -40,7 +40,7 @@ def expert_load_heatmap(counts_le, *, layer_names=None, ax=None, title="expert l
     ax.set_ylabel("MoE layer")
     ax.set_yticks(range(frac_le.shape[0]), layer_names or list(range(frac_le.shape[0])))
     ax.set_title(title)
-    fig.colorbar(im, ax=ax, label="share of tokens")
+    fig.colorbar(im, ax=ax, label="share of assignments")
     fig.tight_layout()
     return fig
 

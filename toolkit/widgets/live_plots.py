@@ -8,7 +8,7 @@ one plot per step, and a headless run (nbclient) keeps the last frame in the cel
     live = LivePlots(every=10, layer_names=["L0", "L1"])
     live.show()                                    # three slots below the cell
     while trainer.step_num < trainer.cfg.train.steps:
-        trainer.train_step()
+        trainer.advance()
         live.update(trainer.history, trainer.val_history)   # redraws every 10th step
 """
 

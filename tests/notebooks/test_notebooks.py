@@ -1,0 +1,87 @@
+"""Notebooks run headless with tiny parameters, and their paired .ipynb files stay clean.
+
+    .venv/bin/python -m pytest -q tests/notebooks
+
+Each notebook is read from its jupytext `.py` source; a cell injected right after the cell
+tagged `parameters` shrinks the run (the papermill convention), then nbclient executes it in
+the `python3` kernel, which jupyter_client starts with this interpreter (the venv's).
+"""
+
+import base64
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
+
+TINY = {
+    "01_train_and_watch": '''\
+STEPS = 6
+EVAL_EVERY = 3
+PLOT_EVERY = 3
+DEVICES = 8
+EXTRA_OVERRIDES = ["model.num_layers=2", "train.batch_size=8", "model.seq_len=32",
+                   "data.max_code_bytes=300000"]
+''',
+}
+
+
+def _with_parameters(nb, source: str):
+    index = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(index) == 1, f"expected one cell tagged 'parameters', found {len(index)}"
+    cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
+    nb.cells.insert(index[0] + 1, cell)
+    return nb
+
+
+def _outputs(nb, mime: str) -> list:
+    return [out["data"][mime] for cell in nb.cells if cell.cell_type == "code"
+            for out in cell.outputs if mime in out.get("data", {})]
+
+
+@pytest.fixture(scope="module")
+def executed_01():
+    nb = _with_parameters(jupytext.read(NOTEBOOKS / "01_train_and_watch.py"), TINY["01_train_and_watch"])
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    return nb
+
+
+def test_01_train_and_watch_runs(executed_01):
+    nb = executed_01
+    errors = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
+              if out.output_type == "error"]
+    assert not errors, errors
+    pngs = _outputs(nb, "image/png")
+    # live loss + live load, then final load + domain preference
+    assert len(pngs) >= 4, f"expected at least 4 PNG outputs, got {len(pngs)}"
+    assert all(base64.b64decode(p).startswith(b"\x89PNG") for p in pngs)
+    markdown = "\n".join(_outputs(nb, "text/markdown"))
+    assert "**step 6**" in markdown  # the live status line took its last frame
+    assert "## Validation bits per byte" in markdown
+    for dom in ("prose", "code"):
+        assert f"| {dom} | " in markdown, f"no bits/byte row for {dom}"
+    assert "specialization (bits)" in markdown
+    text = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
+                   for out in cell.outputs)
+    assert "8 cpu devices" in text
+    assert "6 steps" in text
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in NOTEBOOKS.glob("*.py")))
+def test_ipynb_is_paired_and_clean(name):
+    source = jupytext.read(NOTEBOOKS / f"{name}.py")
+    paired = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    nbformat.validate(paired)
+    fix = f"regenerate it: .venv/bin/jupytext --to ipynb notebooks/{name}.py"
+    assert [(c.cell_type, c.source, c.metadata.get("tags", [])) for c in paired.cells] == \
+           [(c.cell_type, c.source, c.metadata.get("tags", [])) for c in source.cells], \
+        f"notebooks/{name}.ipynb differs from its .py source; {fix}"
+    for cell in paired.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, \
+                f"notebooks/{name}.ipynb holds outputs; {fix}"
+    assert paired.metadata.get("kernelspec", {}).get("name") == "python3"
