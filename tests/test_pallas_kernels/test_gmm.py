@@ -68,9 +68,27 @@ def test_bf16_output_dtype_and_accuracy():
 
 def test_shape_errors_are_clear():
     x, w, gs = _inputs([2, 2], m=4)
-    with pytest.raises(ValueError, match=r"group_sizes must be \[G\]=\[2\]"):
+    with pytest.raises(ValueError, match=r"group_sizes must be \[..., G\] with G=2"):
         gmm(x, w, jnp.array([1, 1, 2]))
     with pytest.raises(ValueError, match="contracting dims differ"):
         gmm(x[:, :5], w, gs)
     with pytest.raises(ValueError, match="impl='triton' is not one of"):
         gmm(x, w, gs, impl="triton")
+
+
+@pytest.mark.parametrize("impl", GMM_IMPLS)
+def test_leading_batch_dims_are_independent_problems(impl):
+    sizes = jnp.array([[3, 0, 4], [0, 7, 0], [1, 1, 1]])
+    x = jax.random.normal(jax.random.PRNGKey(3), (3, 8, 5))
+    w = jax.random.normal(jax.random.PRNGKey(4), (3, 5, 4))
+    out = gmm(x, w, sizes, impl=impl)
+    for b in range(3):
+        np.testing.assert_allclose(out[b], gmm_reference(x[b], w, sizes[b]), rtol=1e-5, atol=1e-5)
+    f = lambda x, w, i: jnp.sum(jnp.cos(gmm(x, w, sizes, impl=i)))
+    for a, r in zip(jax.grad(f, (0, 1))(x, w, impl), jax.grad(f, (0, 1))(x, w, "reference"),
+                    strict=True):
+        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4)
+    x_bgck = x[:, :6].reshape(3, 3, 2, 5)
+    padded = gmm(x_bgck, w, jnp.minimum(sizes, 2), impl=impl)
+    np.testing.assert_allclose(padded[1, 1], x_bgck[1, 1] @ w[1], rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(padded[1, 0]).max()) == 0.0

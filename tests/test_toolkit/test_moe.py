@@ -141,3 +141,12 @@ def test_aux_reports_per_layer_values():
     assert 0.0 < float(aux.dropped_fraction) < 1.0
     assert aux.expert_ids.shape == (2, 10, 2)
     assert 0.0 < float(aux.entropy) <= np.log(4) + 1e-6
+
+
+@pytest.mark.parametrize("gmm_impl", ["xla", "ragged_dot"])
+def test_dropless_output_does_not_depend_on_dispatch_groups(gmm_impl):
+    x = _x((4, 6, 24))
+    whole = _layer(gmm_impl=gmm_impl, dispatch_groups=1)
+    grouped = _layer(gmm_impl=gmm_impl, dispatch_groups=4)
+    np.testing.assert_allclose(grouped(x)[0], whole(x)[0], rtol=1e-5, atol=1e-5)
+

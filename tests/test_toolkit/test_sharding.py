@@ -34,7 +34,8 @@ def _loss_and_grads(cfg, devices):
         (loss, _), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, cfg)
         return loss, grads
 
-    loss, grads = f(state, batch)
+    with jax.set_mesh(mesh):
+        loss, grads = f(state, batch)
     return float(loss), jax.tree.map(np.asarray, grads), state
 
 
@@ -75,3 +76,16 @@ def test_training_trajectory_matches_across_meshes():
         a, b = one.train_step(), many.train_step()
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-5)
     assert jnp.isfinite(a["loss"])
+
+
+def test_capacity_on_the_mesh_equals_one_device_with_the_same_groups():
+    # On 8 batch shards each device dispatches its own tokens (8 groups, capacity per group);
+    # one device with moe.dispatch_groups=8 computes exactly that.
+    cap = {"dispatch": "capacity", "capacity_factor": 1.0}
+    loss1, grads1, _ = _loss_and_grads(micro(moe={**cap, "dispatch_groups": 8}), jax.devices()[:1])
+    loss8, grads8, _ = _loss_and_grads(micro(moe=cap, parallel={"data": 8}), jax.devices())
+    assert loss8 == pytest.approx(loss1, rel=1e-6)
+    for a, b in zip(jax.tree.leaves(grads8), jax.tree.leaves(grads1), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+    loss_one_group, _, _ = _loss_and_grads(micro(moe=cap), jax.devices()[:1])
+    assert loss_one_group != pytest.approx(loss1, rel=1e-6), "groups change what is dropped"

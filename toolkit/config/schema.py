@@ -58,7 +58,10 @@ class MoEConfig:
       aux_loss_weight: weight of the Switch load-balancing loss E * sum_i f_i P_i.
       z_loss_weight: weight of the router z-loss mean(logsumexp(logits)^2).
       dispatch: "dropless" (sort by expert, grouped matmul) or "capacity" (fixed slots).
-      capacity_factor: capacity dispatch slots per expert = ceil(cf * tokens * top_k / E).
+      capacity_factor: capacity dispatch slots per expert = ceil(cf * tokens * top_k / E),
+        tokens counted per dispatch group.
+      dispatch_groups: split the batch into this many groups of whole sequences, each
+        dispatched on its own; 0 = one group per batch shard of the mesh (local dispatch).
       gmm_impl: grouped-matmul backend ("xla", "ragged_dot", "reference"); "" = by platform.
     """
 
@@ -74,6 +77,7 @@ class MoEConfig:
     z_loss_weight: float = 1e-3
     dispatch: str = "dropless"
     capacity_factor: float = 1.25
+    dispatch_groups: int = 0
     gmm_impl: str = ""
 
 

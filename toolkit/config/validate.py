@@ -94,6 +94,9 @@ def validate(cfg: Config, num_devices: int | None = None, domain_tokens: dict | 
             errors.append(f"moe.router={moe.router!r} is unknown; use one of {_ROUTERS}")
         if moe.dispatch not in _DISPATCH:
             errors.append(f"moe.dispatch={moe.dispatch!r} is unknown; use one of {_DISPATCH}")
+        if moe.dispatch_groups < 0 or (moe.dispatch_groups and t.batch_size % moe.dispatch_groups):
+            errors.append(f"moe.dispatch_groups={moe.dispatch_groups} must be 0 (one per batch "
+                          f"shard) or divide train.batch_size={t.batch_size}")
         if moe.capacity_factor <= 0:
             errors.append(f"moe.capacity_factor={moe.capacity_factor} must be > 0; use e.g. 1.25")
         if moe.first_dense_layers < 0 or moe.first_dense_layers >= m.num_layers:

@@ -5,19 +5,29 @@
     aux.expert_counts       # [E] tokens routed to each expert
     aux.dropped_fraction    # share of assignments past capacity (0 when dropless)
 
+Tokens are dispatched in groups of whole sequences (`moe.dispatch_groups`; by default one
+group per batch shard of the mesh, so each device routes its own tokens and nothing crosses
+devices). Dropless results do not depend on the grouping; with capacity dispatch, capacity
+is per group, as in GShard and Switch where each device has its own expert buffers. Router
+statistics and losses always cover the whole batch.
+
 Shared experts (DeepSeekMoE) are one dense SwiGLU of width `num_shared_experts *
 d_expert` that every token passes through; its output is added to the routed output.
 """
 
+import math
+
 import jax
+import jax.numpy as jnp
 from flax import nnx, struct
 
 from toolkit.config import MoEConfig
 from toolkit.models.layers import SwiGLU
 from toolkit.moe import losses
-from toolkit.moe.dispatch import capacity_plan, combine, dispatch, dropless_plan, dropped_fraction
+from toolkit.moe.dispatch import capacity_plan, combine, dispatch, dropless_plan
 from toolkit.moe.experts import Experts
 from toolkit.moe.router import TopKRouter
+from toolkit.sharding.rules import constrain, logical_to_spec
 
 
 @struct.dataclass
@@ -51,21 +61,44 @@ class MoELayer(nnx.Module):
         self.shared = (SwiGLU(d_model, cfg.num_shared_experts * cfg.d_expert, rngs=rngs)
                        if cfg.num_shared_experts else None)
 
+    def num_groups(self, batch: int) -> int:
+        """Dispatch groups: `moe.dispatch_groups`, or (0) one per batch shard of the mesh."""
+        if self.cfg.dispatch_groups:
+            return self.cfg.dispatch_groups
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return 1
+        axes = logical_to_spec(("batch",))[0] or ()
+        axes = (axes,) if isinstance(axes, str) else axes
+        n = math.prod(mesh.shape[a] for a in axes if a in mesh.shape)
+        return n if batch % n == 0 else 1
+
+    def _plan(self, routing):
+        cfg = self.cfg
+        if cfg.dispatch == "capacity":
+            return capacity_plan(routing, cfg.num_experts, cfg.capacity_factor)
+        return dropless_plan(routing, cfg.num_experts)
+
     def __call__(self, x_btd):
         cfg, (b, s, d) = self.cfg, x_btd.shape
         x_td = x_btd.reshape(b * s, d)
         routing = self.router(x_td)
-        if cfg.dispatch == "capacity":
-            plan = capacity_plan(routing, cfg.num_experts, cfg.capacity_factor)
-        else:
-            plan = dropless_plan(routing, cfg.num_experts)
-        ys = self.experts(dispatch(x_td, plan), plan.group_sizes)
-        y_td = combine(ys, plan, routing)
+        g = self.num_groups(b)
+        # Whole sequences per group; with the group axis sharded like the batch, every device
+        # dispatches its own tokens and no token crosses devices.
+        x_gtd = constrain(x_td.reshape(g, -1, d), ("batch", None, "embed"))
+        routing_g = jax.tree.map(lambda a: a.reshape(g, -1, *a.shape[1:]), routing)
+        plan_g = jax.vmap(self._plan)(routing_g)
+        ys = self.experts(jax.vmap(dispatch)(x_gtd, plan_g), plan_g.group_sizes)
+        y_gtd = jax.vmap(combine)(ys, plan_g, routing_g)
+        kept_gtk = plan_g.kept
+        y_td = y_gtd.reshape(b * s, d)
         if self.shared is not None:
             y_td = y_td + self.shared(x_td)
+        valid = jnp.maximum(jnp.sum(routing.valid.astype(jnp.float32)), 1.0)
         aux = MoEAux(
             expert_counts=losses.expert_counts(routing, cfg.num_experts),
-            dropped_fraction=dropped_fraction(plan, routing),
+            dropped_fraction=1.0 - jnp.sum(kept_gtk.astype(jnp.float32)) / valid,
             load_balance_loss=losses.load_balance_loss(routing, cfg.num_experts),
             z_loss=losses.z_loss(routing),
             entropy=losses.router_entropy(routing),

@@ -141,7 +141,8 @@ class Trainer:
         batch = self._device_batch(self.batches.train(self.step_num))
         if self._compiled is None:
             t0 = time.perf_counter()
-            self._compiled = self.train_fn.lower(self.state, batch).compile()
+            with jax.set_mesh(self.mesh):
+                self._compiled = self.train_fn.lower(self.state, batch).compile()
             self.compile_seconds += time.perf_counter() - t0
         t0 = time.perf_counter()
         new_state, metrics = self._compiled(self.state, batch)
@@ -167,7 +168,8 @@ class Trainer:
         """Validation loss and bits per byte per domain, and expert counts per domain."""
         sums = None
         for _, batch in self.batches.validation(self.cfg.train.eval_batches):
-            out = to_host(self.eval_fn(self.state, self._device_batch(batch)))
+            with jax.set_mesh(self.mesh):
+                out = to_host(self.eval_fn(self.state, self._device_batch(batch)))
             sums = out if sums is None else jax.tree.map(np.add, sums, out)
         doms = self.corpus.domains
         rec = {"step": self.step_num, "split": "val",
