@@ -14,7 +14,9 @@ independent problems sharing `rhs`, such as the dispatch groups of an MoE layer.
 Backends (`impl=`):
 
 * `"xla"`: row-tile padding plus one batched matmul (`xla.py`); the CPU default, since
-  `jax.lax.ragged_dot` on CPU costs 7-14x a dense matmul of the same FLOPs;
+  XLA:CPU expands `jax.lax.ragged_dot` to dense work over every group (7-14x a dense
+  matmul of the same FLOPs for one matmul; about 4x for a whole MoE layer, see
+  `benchmarks/moe_layer.py`);
 * `"ragged_dot"`: `jax.lax.ragged_dot`, the default on GPU and TPU, where XLA lowers it
   to a grouped kernel;
 * `"reference"`: the masked definition (`reference.py`), G times the FLOPs, for tests.
