@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from toolkit.sharding.rules import constrain
+
 
 def param(rngs: nnx.Rngs, shape, names, *, fan_in=None, scale=1.0) -> nnx.Param:
     """A float32 parameter ~ N(0, scale^2 / fan_in) carrying `logical_axes=names`."""
@@ -40,7 +42,8 @@ class Embed(nnx.Module):
         self.table = param(rngs, (vocab, dim), ("vocab", "embed"), fan_in=1)
 
     def __call__(self, ids_bt, dtype):
-        return jnp.take(self.table[...].astype(dtype), ids_bt, axis=0)
+        table_vd = constrain(self.table[...].astype(dtype), ("vocab", None))  # gather FSDP shards
+        return jnp.take(table_vd, ids_bt, axis=0)
 
     def attend(self, x_btd):
         return jnp.einsum("btd,vd->btv", x_btd, self.table[...].astype(x_btd.dtype))

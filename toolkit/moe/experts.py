@@ -13,6 +13,7 @@ from flax import nnx
 
 from pallas_kernels import gmm
 from toolkit.models.layers import param
+from toolkit.sharding.rules import constrain
 
 
 class Experts(nnx.Module):
@@ -29,8 +30,11 @@ class Experts(nnx.Module):
 
     def __call__(self, xs, group_sizes_e):
         dt = xs.dtype
+        # Gather FSDP shards of the weights before use (the `embed` dim unsharded), so every
+        # dispatch group multiplies by whole expert matrices.
         w_gate_up = jnp.concatenate([self.w_gate[...], self.w_up[...]], axis=-1).astype(dt)
+        w_gate_up = constrain(w_gate_up, ("expert", None, "mlp"))
+        w_down = constrain(self.w_down[...].astype(dt), ("expert", "mlp", None))
         h = gmm(xs, w_gate_up, group_sizes_e, impl=self.gmm_impl)
         gate, up = h[..., : self.d_expert], h[..., self.d_expert:]
-        return gmm(jax.nn.silu(gate) * up, self.w_down[...].astype(dt), group_sizes_e,
-                   impl=self.gmm_impl)
+        return gmm(jax.nn.silu(gate) * up, w_down, group_sizes_e, impl=self.gmm_impl)
