@@ -23,34 +23,18 @@ default JAX device is used (no simulated device count).
 
 import argparse
 import functools
-import json
 import os
-import platform
 import statistics
-import subprocess
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from common import environment, write_results  # benchmarks/ is on sys.path
 from flax import nnx
 
 from toolkit.config import MoEConfig
 from toolkit.models.layers import SwiGLU
 from toolkit.moe import MoELayer
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _git_state() -> dict:
-    """Commit and whether the library sources differ from it, so a result names its code."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*cmd):
-        return subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True).stdout.strip()
-
-    return {"commit": git("rev-parse", "HEAD"),
-            "library_dirty": bool(git("status", "--porcelain", "toolkit", "pallas_kernels"))}
 
 
 def _parser():
@@ -152,10 +136,7 @@ def main(argv=None) -> int:
                   "top_k": args.top_k, "d_expert": args.d_expert, "dense_width": width},
               "repeats": args.repeats, "warmup": args.warmup, "dtype": "float32",
               "active_gflop_fwd_bwd": active_gflop,
-              "jax_version": jax.__version__, "backend": jax.default_backend(),
-              "device_kind": dev.device_kind, "num_devices": jax.device_count(),
-              "python": platform.python_version(), "machine": platform.machine(),
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": _git_state(),
+              **environment(), "num_devices": jax.device_count(),
               "load_average_1m": {"before": load_before, "after": os.getloadavg()[0]},
               "rows": rows}
     table = (f"MoE layer forward+backward, T={args.tokens} d={args.d_model} E={args.experts} "
@@ -163,12 +144,8 @@ def main(argv=None) -> int:
              f"({dev.device_kind}), jax {jax.__version__}; median of {args.repeats} "
              f"interleaved runs\n\n"
              + _markdown(rows))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(table)
     print()
-    print(table)
-    print(f"wrote {RESULTS / args.name}.json and .md")
+    write_results(args.name, result, table)
     return 0
 
 

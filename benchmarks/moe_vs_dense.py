@@ -21,27 +21,11 @@ report) under `benchmarks/results/runs/` (gitignored).
 """
 
 import argparse
-import json
 import math
 import os
-import platform
-import subprocess
 import time
-from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
 AXES = ("data", "fsdp", "tensor", "expert")
-
-
-def _git_state() -> dict:
-    """Commit and whether the library sources differ from it, so a result names its code."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*cmd):
-        return subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True).stdout.strip()
-
-    return {"commit": git("rev-parse", "HEAD"),
-            "library_dirty": bool(git("status", "--porcelain", "toolkit", "pallas_kernels"))}
 
 
 def _parser():
@@ -137,6 +121,7 @@ def main(argv=None) -> int:
         # Only the CPU backend reads this; on GPU/TPU the accelerators are the devices.
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={num_devices}"
     import jax
+    from common import RESULTS, environment, write_results
 
     from toolkit.config import ConfigError
 
@@ -161,21 +146,14 @@ def main(argv=None) -> int:
     dev = jax.devices()[0]
     result = {"benchmark": "moe_vs_dense", "steps": cfg.train.steps,
               "tokens_per_model": moe["tokens_seen"], "mesh": moe["mesh"],
-              "overrides": list(args.set), "jax_version": jax.__version__,
-              "backend": jax.default_backend(), "device_kind": dev.device_kind,
-              "num_devices": num_devices, "python": platform.python_version(),
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": _git_state(),
+              "overrides": list(args.set), **environment(), "num_devices": num_devices,
               "configs": {cfg.name: cfg.to_dict(), twin.name: twin.to_dict()},
               "moe": moe, "dense": dense}
     table = (f"MoE vs dense twin: {cfg.train.steps} steps, {moe['tokens_seen']:,} tokens each, "
              f"mesh {moe['mesh']}, {jax.default_backend()} ({dev.device_kind}), "
              f"jax {jax.__version__}\n\n" + _markdown(moe, dense))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(table)
     print()
-    print(table)
-    print(f"wrote {RESULTS / args.name}.json and .md")
+    write_results(args.name, result, table)
     return 0
 
 

@@ -51,6 +51,14 @@ class MoEAux:
     expert_ids: jax.Array
 
 
+def _per_group(fn, num_groups: int, *args):
+    """`jax.vmap(fn)(*args)`; a single group skips vmap, whose batched gathers cost more on CPU."""
+    if num_groups > 1:
+        return jax.vmap(fn)(*args)
+    out = fn(*jax.tree.map(lambda a: a[0], args))
+    return jax.tree.map(lambda a: a[None], out)
+
+
 class MoELayer(nnx.Module):
     def __init__(self, d_model: int, cfg: MoEConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -88,9 +96,9 @@ class MoELayer(nnx.Module):
         # dispatches its own tokens and no token crosses devices.
         x_gtd = constrain(x_td.reshape(g, -1, d), ("batch", None, "embed"))
         routing_g = jax.tree.map(lambda a: a.reshape(g, -1, *a.shape[1:]), routing)
-        plan_g = jax.vmap(self._plan)(routing_g)
-        ys = self.experts(jax.vmap(dispatch)(x_gtd, plan_g), plan_g.group_sizes)
-        y_gtd = jax.vmap(combine)(ys, plan_g, routing_g)
+        plan_g = _per_group(self._plan, g, routing_g)
+        ys = self.experts(_per_group(dispatch, g, x_gtd, plan_g), plan_g.group_sizes)
+        y_gtd = _per_group(combine, g, ys, plan_g, routing_g)
         kept_gtk = plan_g.kept
         y_td = y_gtd.reshape(b * s, d)
         if self.shared is not None:
