@@ -100,8 +100,9 @@ def gmm(lhs, rhs, group_sizes, *, impl=None, tile_rows=None, preferred_element_t
     batch = group_sizes.shape[:-1]
     kw = dict(preferred_element_type=out_dtype)
     if lhs.ndim == group_sizes.ndim + 2:
-        padded = reference.padded_gmm_reference if impl == "reference" else xla.padded_gmm
-        fn = lambda x, w, gs: padded(x, w, gs, **kw)
+        if impl != "reference":
+            return xla.padded_gmm(lhs, rhs, group_sizes, **kw)
+        fn = lambda x, w, gs: reference.padded_gmm_reference(x, w, gs, **kw)
     elif impl == "ragged_dot":
         if not batch:
             return _ragged_dot(lhs, rhs, group_sizes, out_dtype)

@@ -62,8 +62,11 @@ def gmm_tiled(lhs_mk, rhs_gkn, group_sizes_g, *, tile_rows=None, preferred_eleme
 
 
 def padded_gmm(lhs_gck, rhs_gkn, group_sizes_g, *, preferred_element_type=None):
-    """Padded (capacity) layout: one batched matmul, rows past each group's size zeroed."""
+    """Padded (capacity) layout: one batched matmul, rows past each group's size zeroed.
+
+    Leading batch dims (`[..., G, C, K]` with sizes `[..., G]`) join the matmul directly.
+    """
     out_dtype = preferred_element_type or lhs_gck.dtype
-    out_gcn = jnp.einsum("gck,gkn->gcn", lhs_gck, rhs_gkn, preferred_element_type=jnp.float32)
-    valid_gc = jnp.arange(lhs_gck.shape[1])[None, :] < group_sizes_g[:, None]
+    out_gcn = jnp.einsum("...gck,gkn->...gcn", lhs_gck, rhs_gkn, preferred_element_type=jnp.float32)
+    valid_gc = jnp.arange(lhs_gck.shape[-2]) < group_sizes_g[..., None]
     return jnp.where(valid_gc[..., None], out_gcn, 0.0).astype(out_dtype)

@@ -52,7 +52,7 @@ class MoEAux:
 
 
 def _per_group(fn, num_groups: int, *args):
-    """`jax.vmap(fn)(*args)`; a single group skips vmap, whose batched gathers cost more on CPU."""
+    """`jax.vmap(fn)(*args)`; a single group skips vmap, whose batched ops cost more on CPU."""
     if num_groups > 1:
         return jax.vmap(fn)(*args)
     out = fn(*jax.tree.map(lambda a: a[0], args))
@@ -97,7 +97,11 @@ class MoELayer(nnx.Module):
         x_gtd = constrain(x_td.reshape(g, -1, d), ("batch", None, "embed"))
         routing_g = jax.tree.map(lambda a: a.reshape(g, -1, *a.shape[1:]), routing)
         plan_g = _per_group(self._plan, g, routing_g)
-        ys = self.experts(_per_group(dispatch, g, x_gtd, plan_g), plan_g.group_sizes)
+        xs = _per_group(dispatch, g, x_gtd, plan_g)
+        if g == 1:
+            ys = self.experts(xs[0], plan_g.group_sizes[0])[None]
+        else:
+            ys = self.experts(xs, plan_g.group_sizes)
         y_gtd = _per_group(combine, g, ys, plan_g, routing_g)
         kept_gtk = plan_g.kept
         y_td = y_gtd.reshape(b * s, d)
