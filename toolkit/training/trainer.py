@@ -4,7 +4,7 @@ A `Trainer` runs step by step, so a notebook can draw between steps and stop at 
 while `run()` is the whole job the CLI uses:
 
     trainer = Trainer(cfg, out_dir="runs/tiny")           # validates before compiling
-    metrics = trainer.train_step()                        # one step, host floats
+    rec = trainer.advance()                               # one step (+ scheduled eval/checkpoint)
     summary = trainer.run()                               # to cfg.train.steps, then report
 
 A run directory holds `config.json`, `metrics.jsonl` (one line per logged step and per
@@ -61,6 +61,17 @@ def _flat(cfg: Config):
 
 
 class Trainer:
+    """One training run over a mesh; its state is plain values a notebook can read.
+
+    Attributes:
+      cfg: the validated config.
+      mesh: the device mesh built from `cfg.parallel`.
+      step_num: optimizer steps done.
+      history: one metrics dict per step (host floats and lists).
+      val_history: one record per validation pass (loss and bits/byte per domain, counts).
+      out_dir: the run directory, or None to write nothing.
+    """
+
     def __init__(self, cfg: Config, *, out_dir=None, resume: bool = False, devices=None,
                  progress: bool = True):
         devices = list(devices if devices is not None else jax.devices())
