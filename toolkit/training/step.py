@@ -10,7 +10,12 @@ shardings, so the same code runs on one device or a mesh:
 
     graphdef, state = init_state(cfg, mesh)
     train = make_train_step(cfg, graphdef, mesh, state)
-    state, metrics = train(state, batch)
+    with jax.set_mesh(mesh):      # activation constraints and local MoE dispatch read it
+        state, metrics = train(state, batch)
+
+Trace the steps under `jax.set_mesh(mesh)` (the `Trainer` does): without a current mesh
+the model's sharding constraints are no-ops and each MoE layer dispatches the whole batch
+as one group.
 """
 
 import jax
