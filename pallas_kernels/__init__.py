@@ -9,6 +9,6 @@ backend by platform and keeps a pure-JAX reference beside it for tests.
     out = gmm(x_mk, w_gkn, jnp.array([3, 0, 5]))   # rows 0-2 use w[0], rows 3-7 use w[2]
 """
 
-from pallas_kernels.gmm.ops import GMM_IMPLS, default_impl, gmm
+from pallas_kernels.gmm.ops import GMM_IMPLS, default_impl, gmm, tgmm
 
-__all__ = ["GMM_IMPLS", "default_impl", "gmm"]
+__all__ = ["GMM_IMPLS", "default_impl", "gmm", "tgmm"]

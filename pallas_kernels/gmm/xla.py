@@ -14,6 +14,7 @@ so the program shape never depends on the routing. Gradients come from JAX's tra
 of the gather, scatter and einsum (a segment sum into `rhs` for the weight gradient).
 """
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels.gmm.reference import group_ids
@@ -28,37 +29,74 @@ def default_tile_rows(num_rows: int, num_groups: int) -> int:
     return tile
 
 
-def gmm_tiled(lhs_mk, rhs_gkn, group_sizes_g, *, tile_rows=None, preferred_element_type=None):
-    """Grouped matmul by padding groups to row tiles; exact, no FLOPs spent on other groups."""
-    num_rows, _ = lhs_mk.shape
-    num_groups, _, n = rhs_gkn.shape
-    out_dtype = preferred_element_type or lhs_mk.dtype
-    tm = tile_rows or default_tile_rows(num_rows, num_groups)
-    num_tiles = -(-(num_rows + num_groups * (tm - 1)) // tm)
-    group_sizes_g = group_sizes_g.astype(jnp.int32)
+def _tile_layout(group_sizes_g, num_rows, tm, group_offset, num_local):
+    """Where each row goes when local groups are padded to whole tiles of `tm` rows.
 
-    padded_sizes_g = -(-group_sizes_g // tm) * tm
-    padded_ends_g = jnp.cumsum(padded_sizes_g)
-    padded_starts_g = padded_ends_g - padded_sizes_g
+    Returns (dest_m, tile_group_t, num_tiles): the padded row of every input row (out of
+    bounds for rows outside the local groups) and the local group of every tile.
+    """
+    group_sizes_g = group_sizes_g.astype(jnp.int32)
+    num_tiles = -(-(num_rows + num_local * (tm - 1)) // tm)
+    local_sizes_l = jax.lax.dynamic_slice_in_dim(group_sizes_g, group_offset, num_local)
+    padded_sizes_l = -(-local_sizes_l // tm) * tm
+    padded_ends_l = jnp.cumsum(padded_sizes_l)
+    padded_starts_l = padded_ends_l - padded_sizes_l
     starts_g = jnp.cumsum(group_sizes_g) - group_sizes_g
 
-    gid_m = group_ids(group_sizes_g, num_rows)
-    in_group_m = gid_m < num_groups
-    safe_gid_m = jnp.minimum(gid_m, num_groups - 1)
-    dest_m = padded_starts_g[safe_gid_m] + jnp.arange(num_rows) - starts_g[safe_gid_m]
-    dest_m = jnp.where(in_group_m, dest_m, num_tiles * tm)  # out of bounds: dropped
+    local_m = group_ids(group_sizes_g, num_rows) - group_offset
+    in_local_m = (local_m >= 0) & (local_m < num_local)
+    safe_l = jnp.clip(local_m, 0, num_local - 1)
+    dest_m = padded_starts_l[safe_l] + jnp.arange(num_rows) - starts_g[safe_l + group_offset]
+    dest_m = jnp.where(in_local_m, dest_m, num_tiles * tm)  # out of bounds: dropped
+    tile_group_t = jnp.searchsorted(padded_ends_l, jnp.arange(num_tiles) * tm, side="right")
+    return dest_m, jnp.minimum(tile_group_t, num_local - 1), num_tiles
 
-    x_pk = jnp.zeros((num_tiles * tm, lhs_mk.shape[1]), lhs_mk.dtype)
-    x_pk = x_pk.at[dest_m].set(lhs_mk, mode="drop")
-    tile_group_t = jnp.searchsorted(padded_ends_g, jnp.arange(num_tiles) * tm, side="right")
-    w_tkn = rhs_gkn[jnp.minimum(tile_group_t, num_groups - 1)]
-    out_tmn = jnp.einsum(
-        "tmk,tkn->tmn", x_pk.reshape(num_tiles, tm, -1), w_tkn,
-        preferred_element_type=jnp.float32,
-    )
-    out_pn = out_tmn.reshape(num_tiles * tm, n)
+
+def _to_tiles(x_mk, dest_m, num_tiles, tm):
+    x_pk = jnp.zeros((num_tiles * tm, x_mk.shape[1]), x_mk.dtype)
+    return x_pk.at[dest_m].set(x_mk, mode="drop").reshape(num_tiles, tm, -1)
+
+
+def gmm_tiled(lhs_mk, rhs, group_sizes_g, *, transpose_rhs=False, group_offset=0,
+              tile_rows=None, preferred_element_type=None):
+    """Grouped matmul by padding groups to row tiles; exact, no FLOPs spent on other groups.
+
+    `rhs` is `[G_local, K, N]` (or `[G_local, N, K]` with `transpose_rhs`), holding groups
+    `[group_offset, group_offset + G_local)` of `group_sizes`.
+    """
+    num_rows = lhs_mk.shape[0]
+    num_local = rhs.shape[0]
+    out_dtype = preferred_element_type or lhs_mk.dtype
+    tm = tile_rows or default_tile_rows(num_rows, num_local)
+    dest_m, tile_group_t, num_tiles = _tile_layout(group_sizes_g, num_rows, tm, group_offset,
+                                                   num_local)
+    x_tmk = _to_tiles(lhs_mk, dest_m, num_tiles, tm)
+    spec = "tmk,tnk->tmn" if transpose_rhs else "tmk,tkn->tmn"
+    out_tmn = jnp.einsum(spec, x_tmk, rhs[tile_group_t], preferred_element_type=jnp.float32)
+    out_pn = out_tmn.reshape(num_tiles * tm, -1)
     out_mn = jnp.take(out_pn, dest_m, axis=0, mode="fill", fill_value=0)
     return out_mn.astype(out_dtype)
+
+
+def tgmm_tiled(lhs_km, grad_mn, group_sizes_g, *, num_groups=None, group_offset=0,
+               tile_rows=None, preferred_element_type=None):
+    """Transposed grouped matmul `out[l] = lhs[:, rows_l] @ grad[rows_l]`: `[G_local, K, N]`.
+
+    Same tile layout as `gmm_tiled`: one batched outer product per tile, then a segment sum
+    of the tiles into their groups.
+    """
+    num_rows = lhs_km.shape[1]
+    num_local = num_groups or group_sizes_g.shape[0]
+    out_dtype = preferred_element_type or lhs_km.dtype
+    tm = tile_rows or default_tile_rows(num_rows, num_local)
+    dest_m, tile_group_t, num_tiles = _tile_layout(group_sizes_g, num_rows, tm, group_offset,
+                                                   num_local)
+    x_tmk = _to_tiles(lhs_km.T, dest_m, num_tiles, tm)
+    g_tmn = _to_tiles(grad_mn, dest_m, num_tiles, tm)
+    out_tkn = jnp.einsum("tmk,tmn->tkn", x_tmk, g_tmn, preferred_element_type=jnp.float32)
+    out_lkn = jax.ops.segment_sum(out_tkn, tile_group_t, num_segments=num_local,
+                                  indices_are_sorted=True)
+    return out_lkn.astype(out_dtype)
 
 
 def padded_gmm(lhs_gck, rhs_gkn, group_sizes_g, *, preferred_element_type=None):

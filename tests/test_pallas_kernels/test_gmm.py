@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels import GMM_IMPLS, gmm
+from pallas_kernels import GMM_IMPLS, gmm, tgmm
 from pallas_kernels.gmm.reference import gmm_reference, group_ids
 
 
@@ -92,3 +92,60 @@ def test_leading_batch_dims_are_independent_problems(impl):
     padded = gmm(x_bgck, w, jnp.minimum(sizes, 2), impl=impl)
     np.testing.assert_allclose(padded[1, 1], x_bgck[1, 1] @ w[1], rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(padded[1, 0]).max()) == 0.0
+
+
+@pytest.mark.parametrize("impl", GMM_IMPLS)
+def test_transpose_rhs(impl):
+    x, w, gs = _inputs([4, 0, 9], m=15)
+    w_t = jnp.swapaxes(w, 1, 2)
+    out = gmm(x, w_t, gs, transpose_rhs=True, impl=impl)
+    np.testing.assert_allclose(out, gmm_reference(x, w, gs), rtol=1e-5, atol=1e-5)
+    f = lambda x, w_t: jnp.sum(jnp.sin(gmm(x, w_t, gs, transpose_rhs=True, impl=impl)))
+    g_ref = jax.grad(lambda x, w: jnp.sum(jnp.sin(gmm_reference(x, w, gs))), (0, 1))(x, w)
+    dx, dw_t = jax.grad(f, (0, 1))(x, w_t)
+    np.testing.assert_allclose(dx, g_ref[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(jnp.swapaxes(dw_t, 1, 2), g_ref[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", GMM_IMPLS)
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_group_offset_runs_only_the_local_shard(impl, offset):
+    sizes = [3, 5, 0, 6, 2]
+    x, w, gs = _inputs(sizes, m=18)
+    shard = w[offset:offset + 2]
+    out = gmm(x, shard, gs, group_offset=offset, impl=impl)
+    full = np.asarray(gmm_reference(x, w, gs))
+    gid = np.asarray(group_ids(gs, 18))
+    local = (gid >= offset) & (gid < offset + 2)
+    np.testing.assert_allclose(out, np.where(local[:, None], full, 0.0), rtol=1e-5, atol=1e-5)
+    f = lambda x, w, i: jnp.sum(jnp.cos(gmm(x, w, gs, group_offset=offset, impl=i)))
+    for a, r in zip(jax.grad(f, (0, 1))(x, shard, impl), jax.grad(f, (0, 1))(x, shard, "reference"),
+                    strict=True):
+        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4)
+    jitted = jax.jit(lambda off: gmm(x, shard, gs, group_offset=off, impl=impl))
+    np.testing.assert_allclose(jitted(offset), out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", GMM_IMPLS)
+@pytest.mark.parametrize("sizes,m", [([5, 0, 3, 9], 17), ([12], 12), ([0, 0], 2)])
+def test_tgmm_is_the_weight_gradient(impl, sizes, m):
+    x, w, gs = _inputs(sizes, m)
+    dout = jax.random.normal(jax.random.PRNGKey(9), (m, w.shape[2]))
+    _, vjp = jax.vjp(lambda w: gmm_reference(x, w, gs), w)
+    np.testing.assert_allclose(tgmm(x.T, dout, gs, impl=impl), vjp(dout)[0], rtol=1e-4, atol=1e-4)
+    if len(sizes) > 2:
+        shard = tgmm(x.T, dout, gs, num_groups=2, group_offset=1, impl=impl)
+        np.testing.assert_allclose(shard, vjp(dout)[0][1:3], rtol=1e-4, atol=1e-4)
+
+
+def test_tgmm_shape_errors():
+    with pytest.raises(ValueError, match=r"tgmm: need lhs \[K, M\] and grad \[M, N\] with equal M"):
+        tgmm(jnp.ones((4, 6)), jnp.ones((5, 3)), jnp.array([6]))
+
+
+def test_group_offset_shape_errors():
+    x, w, gs = _inputs([2, 2, 2], m=6)
+    with pytest.raises(ValueError, match="pass group_offset for an expert shard"):
+        gmm(x, w[:2], gs)
+    with pytest.raises(ValueError, match="group_offset applies to the ragged layout"):
+        gmm(jnp.ones((3, 2, 8)), w, gs, group_offset=0)
