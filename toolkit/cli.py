@@ -83,6 +83,6 @@ def main(argv=None) -> int:
         print((trainer.out_dir / "report.md").read_text())
         print(f"run written to {trainer.out_dir}/")
         return 0
-    except (ConfigError, KeyError) as e:
+    except ConfigError as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2

@@ -32,6 +32,8 @@ def test_overrides_parse_by_type():
     assert cfg.moe.num_experts == 16 and cfg.train.learning_rate == 1e-4
     assert cfg.model.tie_embeddings is True and cfg.moe.dispatch == "capacity"
     assert cfg.data.paths == ("a.txt", "b") and cfg.name == "x"
+    odd = apply_overrides(tiny(), ["data.paths=007,1e3", "data.domain_weights=1,2.5"])
+    assert odd.data.paths == ("007", "1e3") and odd.data.domain_weights == (1.0, 2.5)
     assert tiny().moe.num_experts == 8, "presets are not mutated"
 
 
@@ -69,6 +71,11 @@ def test_bad_overrides(overrides, message):
     (["model.dtype=float16"], 8, r"model.dtype='float16' is not supported"),
     (["train.warmup_steps=400"], 8, r"train.warmup_steps=400 must be in 0..299"),
     (["model.vocab_size=100"], 8, r"model.vocab_size=100 is below"),
+    (["train.grad_clip=-1"], 8, r"train.grad_clip=-1.0 must be >= 0 \(0 disables clipping\)"),
+    (["train.seed=-1"], 8, r"train.seed=-1 must be >= 0"),
+    (["train.b2=1.0"], 8, r"train.b2=1.0 must be in \[0, 1\)"),
+    (["moe.moe_every=9"], 8, r"moe.moe_every=9 with moe.first_dense_layers=0 leaves no MoE layer"),
+    (["data.max_code_bytes=0"], 8, r"data.max_code_bytes=0 must be >= 1"),
 ])
 def test_invalid_configs_name_field_value_and_fix(overrides, devices, message):
     with pytest.raises(ConfigError, match=message):
@@ -90,7 +97,7 @@ def test_every_problem_is_reported_at_once():
 
 
 def test_unknown_preset():
-    with pytest.raises(KeyError, match="did you mean 'tiny'"):
+    with pytest.raises(ConfigError, match="did you mean 'tiny'"):
         preset("tinny")
 
 

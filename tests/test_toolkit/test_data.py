@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from toolkit.config import ConfigError, DataConfig
-from toolkit.data import BOS, EOS, Batches, ByteTokenizer, load_corpus, unigram_bits_per_byte
+from toolkit.data import BOS, EOS, Batches, ByteTokenizer, Corpus, load_corpus, unigram_bits_per_byte
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +70,28 @@ def test_user_paths_are_domains(tmp_path):
     assert all(len(c.streams[s][d]) > 0 for s in ("train", "val") for d in c.domains)
     with pytest.raises(ConfigError, match="does not exist"):
         load_corpus(DataConfig(corpus="paths", paths=(str(tmp_path / "nope"),)))
+
+
+def test_one_document_domain_validates_on_its_tail(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha beta gamma " * 500)
+    c = load_corpus(DataConfig(corpus="paths", paths=(str(tmp_path / "a.txt"),), val_fraction=0.1))
+    assert c.documents["train"]["a.txt"] != c.documents["val"]["a.txt"]
+    assert 0 < len(c.streams["val"]["a.txt"]) < len(c.streams["train"]["a.txt"])
+
+
+def test_bad_paths_and_empty_domains_are_config_errors(tmp_path):
+    for folder in ("x/data", "y/data"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "t.txt").write_text("some text " * 100)
+    with pytest.raises(ConfigError, match="two domains named 'data'"):
+        load_corpus(DataConfig(corpus="paths", paths=(str(tmp_path / "x/data"), str(tmp_path / "y/data"))))
+    with pytest.raises(ConfigError, match="domain 'code' has no documents; raise data.max_code_bytes=1 "):
+        load_corpus(DataConfig(max_code_bytes=1))
+
+
+def test_a_stream_of_exactly_one_window_is_usable():
+    stream = np.arange(10, dtype=np.int32)
+    c = Corpus(domains=("d",), streams={"train": {"d": stream}, "val": {"d": stream}},
+               documents={"train": {"d": ["x"]}, "val": {"d": ["x"]}})
+    batch = Batches(c, seq_len=9, batch_size=2, seed=0).train(0)
+    np.testing.assert_array_equal(batch["tokens"][0], stream[:9])

@@ -38,6 +38,8 @@ def test_resume_continues_with_the_same_losses(tmp_path):
         crashed.run(callback=_crash_at(4))     # checkpoint at 3, crash after 4
     assert crashed.checkpointer.latest_step() == 3
 
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 1.')            # a line torn by the crash
     resumed = Trainer(_cfg(), out_dir=tmp_path / "cut", resume=True, devices=ONE, progress=False)
     assert resumed.step_num == 3
     resumed.run()

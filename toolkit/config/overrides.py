@@ -13,6 +13,8 @@ import inspect
 
 from toolkit.config.schema import Config, ConfigError
 
+_NUMERIC_TUPLES = ("data.domain_weights",)
+
 
 def suggest(word, options) -> str:
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
@@ -44,14 +46,8 @@ def _parse(key: str, text: str, current):
         if kind is float:
             return float(text)
         if kind is tuple:
-            parts = [p for p in text.split(",") if p.strip()]
-            out = []
-            for p in parts:
-                try:
-                    out.append(float(p) if "." in p or "e" in p.lower() else int(p))
-                except ValueError:
-                    out.append(p.strip())
-            return tuple(out)
+            parts = [p.strip() for p in text.split(",") if p.strip()]
+            return tuple(float(p) for p in parts) if key in _NUMERIC_TUPLES else tuple(parts)
         return text
     except ValueError:
         raise ConfigError(f"{key}={text!r} is not a valid {kind.__name__}; "

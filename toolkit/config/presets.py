@@ -8,7 +8,14 @@ Ling's sigmoid router), the preset keeps the tensor shapes and the top-k softmax
 
 import dataclasses
 
-from toolkit.config.schema import Config, ModelConfig, MoEConfig, ParallelConfig, TrainConfig
+from toolkit.config.schema import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    MoEConfig,
+    ParallelConfig,
+    TrainConfig,
+)
 
 
 def tiny() -> Config:
@@ -101,5 +108,5 @@ def preset(name: str) -> Config:
     """The preset called `name`; an unknown name lists the known ones."""
     if name not in PRESETS:
         from toolkit.config.overrides import suggest
-        raise KeyError(f"unknown preset {name!r}{suggest(name, PRESETS)}; presets: {sorted(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}{suggest(name, PRESETS)}; presets: {sorted(PRESETS)}")
     return PRESETS[name]()

@@ -102,6 +102,12 @@ def validate(cfg: Config, num_devices: int | None = None, domain_tokens: dict | 
         if moe.first_dense_layers < 0 or moe.first_dense_layers >= m.num_layers:
             errors.append(f"moe.first_dense_layers={moe.first_dense_layers} must be in "
                           f"0..{m.num_layers - 1} so that some layer is MoE")
+        elif moe.moe_every >= 1 and not any(
+                i >= moe.first_dense_layers and (i + 1) % moe.moe_every == 0
+                for i in range(m.num_layers)):
+            errors.append(f"moe.moe_every={moe.moe_every} with moe.first_dense_layers="
+                          f"{moe.first_dense_layers} leaves no MoE layer among model.num_layers="
+                          f"{m.num_layers}; use moe_every <= {m.num_layers}")
         from pallas_kernels import GMM_IMPLS
         if moe.gmm_impl and moe.gmm_impl not in GMM_IMPLS:
             errors.append(f"moe.gmm_impl={moe.gmm_impl!r} is unknown; use '' or one of {GMM_IMPLS}")
@@ -139,6 +145,14 @@ def validate(cfg: Config, num_devices: int | None = None, domain_tokens: dict | 
     if t.warmup_steps < 0 or t.warmup_steps >= t.steps:
         errors.append(f"train.warmup_steps={t.warmup_steps} must be in 0..{t.steps - 1} "
                       f"(below train.steps={t.steps})")
+    if t.grad_clip < 0:
+        errors.append(f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    if t.seed < 0:
+        errors.append(f"train.seed={t.seed} must be >= 0")
+    if not (0 <= t.b1 < 1 and 0 <= t.b2 < 1):
+        errors.append(f"train.b1={t.b1} and train.b2={t.b2} must be in [0, 1); use 0.9 and 0.95")
+    if t.weight_decay < 0:
+        errors.append(f"train.weight_decay={t.weight_decay} must be >= 0")
     if t.learning_rate <= 0:
         errors.append(f"train.learning_rate={t.learning_rate} must be > 0; use e.g. 1e-3")
     if not 0 <= t.min_lr_ratio <= 1:
@@ -151,6 +165,8 @@ def validate(cfg: Config, num_devices: int | None = None, domain_tokens: dict | 
         errors.append(f"data.corpus={d.corpus!r} is unknown; use one of {_CORPORA}")
     if d.corpus == "paths" and not d.paths:
         errors.append("data.corpus='paths' needs data.paths, e.g. --set data.paths=notes/,book.txt")
+    if d.max_code_bytes < 1:
+        errors.append(f"data.max_code_bytes={d.max_code_bytes} must be >= 1; use e.g. 3000000")
     if not 0 < d.val_fraction < 1:
         errors.append(f"data.val_fraction={d.val_fraction} must be in (0, 1); use e.g. 0.05")
     if domain_tokens:

@@ -43,7 +43,7 @@ class Batches:
         for d, name in enumerate(self.corpus.domains):
             sel = np.nonzero(doms == d)[0]
             stream = self.corpus.streams["train"][name]
-            starts = rng.integers(0, len(stream) - self.seq_len - 1, size=len(sel))
+            starts = rng.integers(0, len(stream) - self.seq_len, size=len(sel))  # last start included
             rows[sel] = self._rows(stream, starts)
         domain = np.repeat(doms[:, None], self.seq_len, axis=1).astype(np.int32)
         return {"tokens": rows[:, :-1], "targets": rows[:, 1:], "domain": domain}

@@ -64,7 +64,7 @@ def _code_documents(max_bytes: int):
     docs, total = [], 0
     for path in files:
         data = path.read_bytes()
-        if total + len(data) > max_bytes:
+        if not data or total + len(data) > max_bytes:
             continue
         docs.append((f"stdlib:{path.relative_to(root)}", data))
         total += len(data)
@@ -93,7 +93,12 @@ def _split(docs, val_fraction: float):
 
     Hash order makes the split independent of file order and stable across runs; filling by
     bytes keeps a domain of few, uneven documents from getting a near-empty validation set.
+    A domain of a single document is cut instead: its last `val_fraction` of bytes validates.
     """
+    if len(docs) == 1:  # one document: its tail is the validation text
+        (name, data), = docs
+        cut = len(data) - max(1, int(len(data) * val_fraction))
+        return [(f"{name}#train", data[:cut])], [(f"{name}#val", data[cut:])]
     total = sum(len(data) for _, data in docs)
     val_names, val_bytes = set(), 0
     for name, data in sorted(docs, key=lambda d: zlib.crc32(d[0].encode())):
@@ -119,11 +124,17 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         by_domain = {}
         for p in cfg.paths:
             name = Path(str(p).rstrip("/")).name or str(p)
+            if name in by_domain:
+                raise ConfigError(f"data.paths has two domains named {name!r}; each path names "
+                                  f"a domain by its last component, so rename or move one")
             by_domain[name] = _path_documents(Path(str(p)))
     else:
         raise ConfigError(f"data.corpus={cfg.corpus!r} is unknown; use 'python_docs' or 'paths'")
     streams, documents = {"train": {}, "val": {}}, {"train": {}, "val": {}}
     for dom, docs in by_domain.items():
+        if not docs:
+            raise ConfigError(f"domain {dom!r} has no documents; raise data.max_code_bytes="
+                              f"{cfg.max_code_bytes} (e.g. 3000000) or add text")
         train, val = _split(docs, cfg.val_fraction)
         for split, part in (("train", train), ("val", val)):
             streams[split][dom] = _stream(part)
@@ -137,9 +148,9 @@ def unigram_bits_per_byte(corpus: Corpus) -> dict:
     The baseline a language model must beat: it knows byte frequencies and nothing else.
     Add-one smoothing keeps unseen bytes finite.
     """
-    counts = np.ones(260, np.float64)
+    counts = np.ones(256, np.float64)
     for s in corpus.streams["train"].values():
-        counts += np.bincount(s, minlength=260)[:260]
+        counts += np.bincount(s[s < 256], minlength=256)
     logp = np.log2(counts / counts.sum())
     out = {}
     for dom, s in corpus.streams["val"].items():

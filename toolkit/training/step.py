@@ -115,8 +115,9 @@ def make_train_step(cfg: Config, graphdef, mesh, state):
 def make_eval_step(cfg: Config, graphdef, mesh, state, num_domains: int):
     """Jitted `(state, batch) -> sums`: CE nats, byte targets, and per-domain expert counts.
 
-    Returns `{"nats": [D], "bytes": [D], "tokens": [D], "domain_counts": [L, D, E]}` summed
-    over the batch, so callers can add batches and divide once.
+    Returns `{"nats": [D], "byte_nats": [D], "bytes": [D], "tokens": [D], "domain_counts":
+    [L, D, E]}` summed over the batch, so callers can add batches and divide once. Bits per
+    byte count byte targets only (BOS/EOS excluded), like the unigram baseline.
     """
     state_sh = jax.tree.map(lambda x: x.sharding, state)
 
@@ -127,6 +128,7 @@ def make_eval_step(cfg: Config, graphdef, mesh, state, num_domains: int):
         dom_btd = jax.nn.one_hot(batch["domain"], num_domains, dtype=jnp.float32)
         is_byte_bt = (batch["targets"] < 256).astype(jnp.float32)
         out = {"nats": jnp.einsum("bt,btd->d", ce_bt, dom_btd),
+               "byte_nats": jnp.einsum("bt,btd->d", ce_bt * is_byte_bt, dom_btd),
                "bytes": jnp.einsum("bt,btd->d", is_byte_bt, dom_btd),
                "tokens": jnp.sum(dom_btd, axis=(0, 1))}
         if aux is not None:

@@ -131,7 +131,10 @@ class Trainer:
             return
         kept = []
         for line in path.read_text().splitlines():
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a crash mid-write
+                continue
             if rec["step"] <= self.step_num:
                 kept.append(line)
                 (self.val_history if rec.get("split") == "val" else self.history).append(rec)
@@ -158,10 +161,9 @@ class Trainer:
         t0 = time.perf_counter()
         new_state, metrics = self._compiled(self.state, batch)
         m = to_host(metrics)
-        self.state = new_state          # only now: step_num and state move together
+        self.state, self.step_num = new_state, self.step_num + 1   # they move together
         dt = time.perf_counter() - t0
         self.train_seconds += dt
-        self.step_num += 1
         rec = {"step": self.step_num, "loss": float(m["loss"]), "ce": float(m["ce"]),
                "grad_norm": float(m["grad_norm"]), "lr": learning_rate(self.cfg, self.step_num - 1),
                "tokens_per_s": self.cfg.train.batch_size * self.cfg.model.seq_len / dt}
@@ -185,7 +187,7 @@ class Trainer:
         doms = self.corpus.domains
         rec = {"step": self.step_num, "split": "val",
                "val_loss": {d: float(sums["nats"][i] / sums["tokens"][i]) for i, d in enumerate(doms)},
-               "val_bits_per_byte": {d: float(sums["nats"][i] / sums["bytes"][i] / np.log(2))
+               "val_bits_per_byte": {d: float(sums["byte_nats"][i] / sums["bytes"][i] / np.log(2))
                                      for i, d in enumerate(doms)},
                "val_loss_all": float(sums["nats"].sum() / sums["tokens"].sum())}
         if "domain_counts" in sums:
