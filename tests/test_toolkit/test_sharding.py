@@ -81,11 +81,11 @@ def test_training_trajectory_matches_across_meshes():
 def test_capacity_on_the_mesh_equals_one_device_with_the_same_groups():
     # On 8 batch shards each device dispatches its own tokens (8 groups, capacity per group);
     # one device with moe.dispatch_groups=8 computes exactly that.
-    cap = {"dispatch": "capacity", "capacity_factor": 1.0}
+    cap = {"dispatch": "capacity", "capacity_factor": 0.5}   # tight: many drops
     loss1, grads1, _ = _loss_and_grads(micro(moe={**cap, "dispatch_groups": 8}), jax.devices()[:1])
     loss8, grads8, _ = _loss_and_grads(micro(moe=cap, parallel={"data": 8}), jax.devices())
     assert loss8 == pytest.approx(loss1, rel=1e-6)
     for a, b in zip(jax.tree.leaves(grads8), jax.tree.leaves(grads1), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
     loss_one_group, _, _ = _loss_and_grads(micro(moe=cap), jax.devices()[:1])
-    assert loss_one_group != pytest.approx(loss1, rel=1e-6), "groups change what is dropped"
+    assert abs(loss_one_group - loss1) > 1e-4 * loss1, "groups change what is dropped"
