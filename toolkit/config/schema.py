@@ -182,9 +182,6 @@ class Config:
         return json.dumps(self.to_dict(), indent=2)
 
 
-SECTIONS = ("model", "moe", "parallel", "train", "data")
-
-
 def from_dict(d: dict) -> Config:
     """Inverse of `Config.to_dict` (lists become tuples)."""
     kinds = {f.name: f.type for f in dataclasses.fields(Config)}

@@ -29,20 +29,23 @@ from toolkit.models.transformer import Transformer
 from toolkit.sharding.mesh import batch_sharding, state_shardings
 
 
-def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-    """AdamW with linear warmup and cosine decay to `min_lr_ratio`, after global-norm clipping."""
+def lr_schedule(cfg: Config) -> optax.Schedule:
+    """Linear warmup to `train.learning_rate`, then cosine decay to `min_lr_ratio` of it."""
     t = cfg.train
-    schedule = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=t.learning_rate, warmup_steps=t.warmup_steps,
         decay_steps=t.steps, end_value=t.learning_rate * t.min_lr_ratio)
-    adamw = optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay)
+
+
+def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+    """AdamW on `lr_schedule`, after global-norm clipping."""
+    t = cfg.train
+    adamw = optax.adamw(lr_schedule(cfg), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay)
     return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw) if t.grad_clip else adamw
 
 
 def learning_rate(cfg: Config, step: int) -> float:
-    t = cfg.train
-    return float(optax.warmup_cosine_decay_schedule(
-        0.0, t.learning_rate, t.warmup_steps, t.steps, t.learning_rate * t.min_lr_ratio)(step))
+    return float(lr_schedule(cfg)(step))
 
 
 def _build(cfg: Config, seed: int):
