@@ -6,7 +6,7 @@ Two layouts share the op, told apart by rank:
   (rows sorted by group, as dropless dispatch produces them); rows past the last group
   give zeros;
 * padded, `lhs: [G, C, K]`, `group_sizes: [G]`: group g owns `lhs[g, :group_sizes[g]]`
-  (the capacity layout).
+  (the capacity layout). Every backend but "reference" runs it as one batched matmul.
 
 Both take leading batch dims on `lhs` and `group_sizes` (`[B, M, K]` with `[B, G]`):
 independent problems sharing `rhs`, such as the dispatch groups of an MoE layer.
@@ -16,44 +16,96 @@ independent problems sharing `rhs`, such as the dispatch groups of an MoE layer.
 one device holds in expert parallelism), giving zeros for other rows. `tgmm(lhs_km,
 grad_mn, group_sizes)` is the transposed op, `out[g] = lhs[:, rows_g] @ grad[rows_g]`.
 
-The `"xla"` backend has a custom VJP written with the same two ops:
-`d lhs = gmm(grad, rhs, transpose_rhs=not transpose_rhs)` and `d rhs = tgmm(lhs.T, grad)`.
+Backends (`impl=`), tried in a fixed order per platform when `impl` is None
+(`FALLBACK_ORDER`; the first that can take the inputs wins):
 
-Backends (`impl=`):
-
-* `"xla"`: row-tile padding plus one batched matmul (`xla.py`); the CPU default, since
-  XLA:CPU expands `jax.lax.ragged_dot` to dense work over every group (7-14x a dense
-  matmul of the same FLOPs for one matmul; about 4x for a whole MoE layer, see
-  `benchmarks/moe_layer.py`);
-* `"ragged_dot"`: `jax.lax.ragged_dot`, the default on GPU and TPU, where XLA lowers it
-  to a grouped kernel;
+* `"pallas_gpu"`: Pallas kernels lowered through Triton (`triton.py`), GPU default;
+* `"pallas_tpu"`: Pallas Mosaic kernels with scalar-prefetched work lists
+  (`mosaic_tpu.py`), TPU default;
+* `"xla"`: row-tile padding plus one batched matmul (`xla.py`), the CPU default, since
+  XLA:CPU expands `jax.lax.ragged_dot` to dense work over every group;
+* `"ragged_dot"`: `jax.lax.ragged_dot` (`ragged.py`), XLA's own grouped kernels;
 * `"reference"`: the masked definition (`reference.py`), G times the FLOPs, for tests.
 
-    out_mn = gmm(x_mk, w_gkn, sizes_g)                 # platform default
-    out_mn = gmm(x_mk, w_gkn, sizes_g, impl="reference")
-    dw_gkn = tgmm(x_mk.T, dout_mn, sizes_g)            # weight gradient
+The Pallas and xla backends share one custom VJP written with their own two ops:
+`d lhs = gmm(grad, rhs, transpose_rhs=not transpose_rhs)` and `d rhs = tgmm(lhs.T, grad)`.
+Pallas backends run interpreted on CPU (`interpret=None` decides by platform), which is
+how the tests check them; tiles come from `tuning.block_sizes` unless given.
+
+    out_mn = gmm(x_mk, w_gkn, sizes_g)                      # platform default
+    out_mn = gmm(x_mk, w_gkn, sizes_g, impl="pallas_gpu")   # interpreted on CPU
+    dw_gkn = tgmm(x_mk.T, dout_mn, sizes_g)                 # weight gradient
 """
 
 import functools
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
-from pallas_kernels.gmm import reference, xla
+from pallas_kernels import tuning
+from pallas_kernels.gmm import mosaic_tpu, ragged, reference, triton, xla
 
-GMM_IMPLS = ("xla", "ragged_dot", "reference")
+GMM_IMPLS = ("pallas_gpu", "pallas_tpu", "xla", "ragged_dot", "reference")
+FALLBACK_ORDER = {"gpu": ("pallas_gpu", "ragged_dot", "xla"),
+                  "tpu": ("pallas_tpu", "ragged_dot", "xla"),
+                  "cpu": ("xla", "ragged_dot")}
+_BACKENDS = {"pallas_gpu": triton, "pallas_tpu": mosaic_tpu, "xla": xla}
+_GPU_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def default_impl() -> str:
-    """The backend `gmm` uses when `impl` is None, for the default JAX platform."""
-    return "xla" if jax.default_backend() == "cpu" else "ragged_dot"
+    """The backend `gmm` tries first when `impl` is None, for the default JAX platform."""
+    return FALLBACK_ORDER.get(jax.default_backend(), ("xla",))[0]
 
 
-def _resolve(impl):
-    impl = impl or default_impl()
-    if impl not in GMM_IMPLS:
-        raise ValueError(f"gmm: impl={impl!r} is not one of {GMM_IMPLS}")
-    return impl
+def _block_sizes(impl, block_sizes, m, k, n):
+    """Tiles for `impl`: given or from the table, shrunk to the problem (GPU: powers of 2 >= 16)."""
+    if impl not in ("pallas_gpu", "pallas_tpu"):
+        return block_sizes
+    bs = block_sizes or tuning.block_sizes("gmm", impl)
+    if impl == "pallas_gpu":
+        fit = lambda t, d: min(t, max(16, pl.next_power_of_2(d)))
+        return tuning.GmmBlockSizes(tm=fit(bs.tm, m), tk=fit(bs.tk, k), tn=fit(bs.tn, n),
+                                    num_warps=bs.num_warps, num_stages=bs.num_stages)
+    return bs
+
+
+def unsupported(impl, lhs, rhs, transpose_rhs, block_sizes) -> str | None:
+    """Why `impl` cannot run these inputs, or None when it can."""
+    k, n = (rhs.shape[2], rhs.shape[1]) if transpose_rhs else rhs.shape[1:]
+    if impl == "pallas_gpu":
+        if lhs.dtype not in _GPU_DTYPES or rhs.dtype not in _GPU_DTYPES:
+            return f"dtypes {lhs.dtype}/{rhs.dtype}; Triton dots take float32, bfloat16, float16"
+        bs = _block_sizes(impl, block_sizes, lhs.shape[-2], k, n)
+        bad = [t for t in (bs.tm, bs.tk, bs.tn) if t < 16 or t & (t - 1)]
+        if bad:
+            return f"tiles {bs} must be powers of two >= 16"
+    if impl == "pallas_tpu":
+        bs = _block_sizes(impl, block_sizes, lhs.shape[-2], k, n)
+        if mosaic_tpu.fit_tile(k, bs.tk) is None or mosaic_tpu.fit_tile(n, bs.tn) is None:
+            return f"K={k}, N={n} do not split into tiles of (tk={bs.tk}, tn={bs.tn}) multiples of 128"
+        if bs.tm % 8:
+            return f"tm={bs.tm} must be a multiple of 8"
+    return None
+
+
+def choose_impl(lhs, rhs, *, transpose_rhs=False, block_sizes=None, impl=None) -> str:
+    """The backend `gmm(lhs, rhs, ..., impl=impl)` runs: `impl` itself when given (checked),
+    else the first of `FALLBACK_ORDER[platform]` that can take the inputs."""
+    if impl is not None:
+        if impl not in GMM_IMPLS:
+            raise ValueError(f"gmm: impl={impl!r} is not one of {GMM_IMPLS} (or None for the default)")
+        reason = unsupported(impl, lhs, rhs, transpose_rhs, block_sizes)
+        if reason:
+            raise ValueError(f"gmm: impl={impl!r} cannot take these inputs: {reason}; "
+                             f"pass impl=None to fall back in order {FALLBACK_ORDER}")
+        return impl
+    order = FALLBACK_ORDER.get(jax.default_backend(), ("xla",))
+    for candidate in order:
+        if unsupported(candidate, lhs, rhs, transpose_rhs, block_sizes) is None:
+            return candidate
+    return "xla"
 
 
 def _check_shapes(lhs, rhs, group_sizes, transpose_rhs, local):
@@ -63,6 +115,8 @@ def _check_shapes(lhs, rhs, group_sizes, transpose_rhs, local):
         raise ValueError(
             f"gmm: group_sizes must be [..., G] with G={rhs.shape[0]} to match rhs {rhs.shape}, "
             f"got shape {group_sizes.shape} (pass group_offset for an expert shard)")
+    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"gmm: group_sizes must be integers, got {group_sizes.dtype}")
     if local and group_sizes.shape[-1] < rhs.shape[0]:
         raise ValueError(f"gmm: rhs holds {rhs.shape[0]} groups but group_sizes has only "
                          f"{group_sizes.shape[-1]}")
@@ -82,75 +136,48 @@ def _check_shapes(lhs, rhs, group_sizes, transpose_rhs, local):
                          f"{' (transpose_rhs)' if transpose_rhs else ''}")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _gmm_xla(lhs, rhs, group_sizes, group_offset, transpose_rhs, tile_rows, out_dtype):
-    return xla.gmm_tiled(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs,
-                         group_offset=group_offset, tile_rows=tile_rows,
-                         preferred_element_type=out_dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _gmm(lhs, rhs, group_sizes, group_offset, impl, transpose_rhs, block_sizes, out_dtype,
+         interpret):
+    return _BACKENDS[impl].gmm(lhs, rhs, group_sizes, group_offset, transpose_rhs=transpose_rhs,
+                               block_sizes=block_sizes, out_dtype=out_dtype, interpret=interpret)
 
 
-def _gmm_xla_fwd(lhs, rhs, group_sizes, group_offset, transpose_rhs, tile_rows, out_dtype):
-    out = _gmm_xla(lhs, rhs, group_sizes, group_offset, transpose_rhs, tile_rows, out_dtype)
+def _gmm_fwd(lhs, rhs, group_sizes, group_offset, impl, transpose_rhs, block_sizes, out_dtype,
+             interpret):
+    out = _gmm(lhs, rhs, group_sizes, group_offset, impl, transpose_rhs, block_sizes, out_dtype,
+               interpret)
     return out, (lhs, rhs, group_sizes, group_offset)
 
 
-def _gmm_xla_bwd(transpose_rhs, tile_rows, out_dtype, res, grad_mn):
+def _gmm_bwd(impl, transpose_rhs, block_sizes, out_dtype, interpret, res, grad_mn):
     lhs, rhs, group_sizes, group_offset = res
-    kw = dict(group_offset=group_offset, tile_rows=tile_rows)
-    dlhs = xla.gmm_tiled(grad_mn, rhs, group_sizes, transpose_rhs=not transpose_rhs,
-                         preferred_element_type=lhs.dtype, **kw)
-    a, b = (grad_mn.T, lhs) if transpose_rhs else (lhs.T, grad_mn)
-    drhs = xla.tgmm_tiled(a, b, group_sizes, num_groups=rhs.shape[0],
-                          preferred_element_type=rhs.dtype, **kw)
+    backend = _BACKENDS[impl]
+    grad_mn = grad_mn.astype(lhs.dtype)
+    m, k = lhs.shape
+    n = grad_mn.shape[1]
+    dlhs = backend.gmm(grad_mn, rhs, group_sizes, group_offset, transpose_rhs=not transpose_rhs,
+                       block_sizes=_block_sizes(impl, block_sizes, m, n, k),
+                       out_dtype=lhs.dtype, interpret=interpret)
+    a_km, b_mn = (grad_mn.T, lhs) if transpose_rhs else (lhs.T, grad_mn)
+    drhs = backend.tgmm(a_km, b_mn, group_sizes, group_offset, num_groups=rhs.shape[0],
+                        block_sizes=_block_sizes(impl, block_sizes, m, a_km.shape[0],
+                                                 b_mn.shape[1]),
+                        out_dtype=rhs.dtype, interpret=interpret)
     return dlhs, drhs, None, None
 
 
-_gmm_xla.defvjp(_gmm_xla_fwd, _gmm_xla_bwd)
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
-def _ragged_sizes(group_sizes_g, group_offset, num_local, num_rows):
-    """Sizes `[rows before, local groups..., rows after]` for the shard's ragged_dot."""
-    sizes = group_sizes_g.astype(jnp.int32)
-    before = jnp.sum(jnp.where(jnp.arange(sizes.shape[0]) < group_offset, sizes, 0))
-    local = jax.lax.dynamic_slice_in_dim(sizes, group_offset, num_local)
-    return jnp.concatenate([before[None], local, (num_rows - before - jnp.sum(local))[None]])
-
-
-def _ragged_dot(lhs_bmk, rhs, group_sizes_bg, group_offset, transpose_rhs, out_dtype):
-    """`jax.lax.ragged_dot` over `[B, M, K]` problems at once.
-
-    ragged_dot has no batching rule, so B problems of G groups become one problem of
-    B * (G + 2) groups: each problem's rows before and after its local groups multiply
-    zero matrices.
-    """
-    rhs_gkn = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
-    num_local, k, n = rhs_gkn.shape
-    b, m, _ = lhs_bmk.shape
-    if b == 1 and group_offset is None:  # the common case: no extra groups to pay for
-        sizes_g = group_sizes_bg[0].astype(jnp.int32)
-        out = jax.lax.ragged_dot(lhs_bmk[0], rhs_gkn, sizes_g, preferred_element_type=jnp.float32)
-        valid_m = jnp.arange(m) < jnp.sum(sizes_g)
-        return jnp.where(valid_m[:, None], out, 0.0)[None].astype(out_dtype)
-    group_offset = 0 if group_offset is None else group_offset
-    sizes_bh = jax.vmap(lambda gs: _ragged_sizes(gs, group_offset, num_local, m))(group_sizes_bg)
-    zero = jnp.zeros((1, k, n), rhs_gkn.dtype)
-    w_hkn = jnp.concatenate([zero, rhs_gkn, zero])
-    w = jnp.broadcast_to(w_hkn, (b, *w_hkn.shape)).reshape(-1, k, n)
-    out = jax.lax.ragged_dot(lhs_bmk.reshape(b * m, -1), w, sizes_bh.reshape(-1),
-                             preferred_element_type=jnp.float32)
-    return out.reshape(b, m, n).astype(out_dtype)
-
-
-def _one(lhs, rhs, group_sizes, group_offset, impl, transpose_rhs, tile_rows, out_dtype):
-    """gmm for one problem (no batch dims), ragged layout, reference or xla."""
-    if impl == "reference":
-        return reference.gmm_reference(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs,
-                                       group_offset=group_offset, preferred_element_type=out_dtype)
-    return _gmm_xla(lhs, rhs, group_sizes, group_offset, transpose_rhs, tile_rows, out_dtype)
+def _interpret(interpret, impl):
+    if impl not in ("pallas_gpu", "pallas_tpu"):
+        return False
+    return jax.default_backend() == "cpu" if interpret is None else interpret
 
 
 def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, group_offset=None, impl=None,
-        tile_rows=None, preferred_element_type=None):
+        block_sizes=None, interpret=None, preferred_element_type=None):
     """Grouped matmul `out[m] = lhs[m] @ rhs[group(m)]`; see the module docstring.
 
     Args:
@@ -161,12 +188,15 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, group_offset=None, impl=N
       transpose_rhs: multiply by `rhs[g].T`.
       group_offset: int (may be traced): `rhs` holds groups `[offset, offset + rhs.shape[0])`
         of `group_sizes`; rows of other groups give zeros. Ragged layout only.
-      impl: one of `GMM_IMPLS`, or None for `default_impl()`.
-      tile_rows: row tile of the `"xla"` backend (None: chosen from the shapes).
+      impl: one of `GMM_IMPLS`, or None for the first backend of `FALLBACK_ORDER` that can
+        take the inputs.
+      block_sizes: `tuning.GmmBlockSizes`; None: the tuning table's entry (the "xla" backend
+        picks its row tile from the shapes).
+      interpret: run a Pallas backend in the interpreter (None: only on CPU).
       preferred_element_type: output dtype (default: `lhs.dtype`); accumulation is fp32.
     """
     _check_shapes(lhs, rhs, group_sizes, transpose_rhs, group_offset is not None)
-    impl = _resolve(impl)
+    impl = choose_impl(lhs, rhs, transpose_rhs=transpose_rhs, block_sizes=block_sizes, impl=impl)
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
     batch = group_sizes.shape[:-1]
     if lhs.ndim == group_sizes.ndim + 2:
@@ -175,20 +205,28 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, group_offset=None, impl=N
             return xla.padded_gmm(lhs, w, group_sizes, preferred_element_type=out_dtype)
         fn = lambda x, gs: reference.padded_gmm_reference(x, w, gs, preferred_element_type=out_dtype)
     elif impl == "ragged_dot":
-        flat = _ragged_dot(lhs.reshape(-1, *lhs.shape[-2:]), rhs,
-                           group_sizes.reshape(-1, group_sizes.shape[-1]),
-                           group_offset, transpose_rhs, out_dtype)
+        flat = ragged.gmm(lhs.reshape(-1, *lhs.shape[-2:]), rhs,
+                          group_sizes.reshape(-1, group_sizes.shape[-1]),
+                          group_offset, transpose_rhs, out_dtype)
         return flat.reshape(*lhs.shape[:-1], flat.shape[-1])
+    elif impl == "reference":
+        offset = 0 if group_offset is None else group_offset
+        fn = lambda x, gs: reference.gmm_reference(x, rhs, gs, transpose_rhs=transpose_rhs,
+                                                   group_offset=offset,
+                                                   preferred_element_type=out_dtype)
     else:
         offset = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32)
-        fn = lambda x, gs: _one(x, rhs, gs, offset, impl, transpose_rhs, tile_rows, out_dtype)
+        k, n = (rhs.shape[2], rhs.shape[1]) if transpose_rhs else rhs.shape[1:]
+        bs = _block_sizes(impl, block_sizes, lhs.shape[-2], k, n)
+        interp = _interpret(interpret, impl)
+        fn = lambda x, gs: _gmm(x, rhs, gs, offset, impl, transpose_rhs, bs, out_dtype, interp)
     for _ in batch:
         fn = jax.vmap(fn)
     return fn(lhs, group_sizes)
 
 
 def tgmm(lhs_km, grad_mn, group_sizes, *, num_groups=None, group_offset=None, impl=None,
-         tile_rows=None, preferred_element_type=None):
+         block_sizes=None, interpret=None, preferred_element_type=None):
     """Transposed grouped matmul: `out[l] = lhs[:, rows of group offset + l] @ grad[rows]`.
 
     Args:
@@ -197,7 +235,7 @@ def tgmm(lhs_km, grad_mn, group_sizes, *, num_groups=None, group_offset=None, im
       group_sizes: int `[G]`.
       num_groups: groups to produce (default `G`); with `group_offset`, the local shard size.
       group_offset: first group produced (may be traced).
-      impl, tile_rows, preferred_element_type: as for `gmm`.
+      impl, block_sizes, interpret, preferred_element_type: as for `gmm`.
 
     Returns `[num_groups, K, N]`: the gradient of `gmm` with respect to `rhs`.
     """
@@ -206,16 +244,19 @@ def tgmm(lhs_km, grad_mn, group_sizes, *, num_groups=None, group_offset=None, im
                          f"and {grad_mn.shape}")
     if group_sizes.ndim != 1:
         raise ValueError(f"tgmm: group_sizes must be [G], got shape {group_sizes.shape}")
-    impl = _resolve(impl)
-    out_dtype = jnp.dtype(preferred_element_type or lhs_km.dtype)
     num = num_groups or group_sizes.shape[0]
+    # tgmm's tiles match gmm's for lhs = lhs_km.T and rhs = [num, K, N].
+    probe_lhs = jax.ShapeDtypeStruct(lhs_km.shape[::-1], lhs_km.dtype)
+    probe_rhs = jax.ShapeDtypeStruct((num, lhs_km.shape[0], grad_mn.shape[1]), grad_mn.dtype)
+    impl = choose_impl(probe_lhs, probe_rhs, block_sizes=block_sizes, impl=impl)
+    out_dtype = jnp.dtype(preferred_element_type or lhs_km.dtype)
     offset = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32)
-    kw = dict(num_groups=num, group_offset=offset, preferred_element_type=out_dtype)
     if impl == "reference":
-        return reference.tgmm_reference(lhs_km, grad_mn, group_sizes, **kw)
-    if impl == "xla":
-        return xla.tgmm_tiled(lhs_km, grad_mn, group_sizes, tile_rows=tile_rows, **kw)
-    w0 = jnp.zeros((num, lhs_km.shape[0], grad_mn.shape[1]), jnp.float32)
-    fwd = lambda w: _ragged_dot(lhs_km.T[None], w, group_sizes[None], offset, False, jnp.float32)
-    _, vjp = jax.vjp(fwd, w0)
-    return vjp(grad_mn[None].astype(jnp.float32))[0].astype(out_dtype)
+        return reference.tgmm_reference(lhs_km, grad_mn, group_sizes, num_groups=num,
+                                        group_offset=offset, preferred_element_type=out_dtype)
+    if impl == "ragged_dot":
+        return ragged.tgmm(lhs_km, grad_mn, group_sizes, offset, num, out_dtype)
+    (k, m), n = lhs_km.shape, grad_mn.shape[1]
+    return _BACKENDS[impl].tgmm(lhs_km, grad_mn, group_sizes, offset, num_groups=num,
+                                block_sizes=_block_sizes(impl, block_sizes, m, k, n),
+                                out_dtype=out_dtype, interpret=_interpret(interpret, impl))

@@ -108,3 +108,21 @@ def padded_gmm(lhs_gck, rhs_gkn, group_sizes_g, *, preferred_element_type=None):
     out_gcn = jnp.einsum("...gck,gkn->...gcn", lhs_gck, rhs_gkn, preferred_element_type=jnp.float32)
     valid_gc = jnp.arange(lhs_gck.shape[-2]) < group_sizes_g[..., None]
     return jnp.where(valid_gc[..., None], out_gcn, 0.0).astype(out_dtype)
+
+
+def gmm(lhs_mk, rhs, group_sizes_g, group_offset, *, transpose_rhs, block_sizes, out_dtype,
+        interpret=False):
+    """`gmm_tiled` with the backend signature shared by `triton.py` and `mosaic_tpu.py`."""
+    del interpret
+    return gmm_tiled(lhs_mk, rhs, group_sizes_g, transpose_rhs=transpose_rhs,
+                     group_offset=group_offset, tile_rows=block_sizes and block_sizes.tm,
+                     preferred_element_type=out_dtype)
+
+
+def tgmm(lhs_km, grad_mn, group_sizes_g, group_offset, *, num_groups, block_sizes, out_dtype,
+         interpret=False):
+    """`tgmm_tiled` with the backend signature shared by `triton.py` and `mosaic_tpu.py`."""
+    del interpret
+    return tgmm_tiled(lhs_km, grad_mn, group_sizes_g, num_groups=num_groups,
+                      group_offset=group_offset, tile_rows=block_sizes and block_sizes.tm,
+                      preferred_element_type=out_dtype)

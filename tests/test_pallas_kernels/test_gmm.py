@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels import GMM_IMPLS, gmm, tgmm
+from pallas_kernels import GMM_IMPLS, GmmBlockSizes, gmm, tgmm
 from pallas_kernels.gmm.reference import gmm_reference, group_ids
 
 
@@ -44,7 +44,8 @@ def test_forward_and_grads_match_reference(impl, sizes, m):
        st.sampled_from([None, 1, 4, 8]))
 def test_xla_tiled_any_group_sizes(sizes, extra_rows, tile_rows):
     x, w, gs = _inputs(sizes, m=sum(sizes) + extra_rows, seed=len(sizes))
-    out = gmm(x, w, gs, impl="xla", tile_rows=tile_rows)
+    bs = tile_rows and GmmBlockSizes(tm=tile_rows)
+    out = gmm(x, w, gs, impl="xla", block_sizes=bs)
     np.testing.assert_allclose(out, gmm_reference(x, w, gs), rtol=1e-5, atol=1e-5)
 
 
