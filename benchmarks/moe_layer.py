@@ -102,11 +102,10 @@ def main(argv=None) -> int:
     active_gflop = 3 * 2 * args.tokens * args.d_model * width * 3 / 1e9
     variants = [
         ("dense", "-", "-", None),
-        ("dropless/xla", "dropless", "xla", dict(dispatch="dropless", gmm_impl="xla")),
-        ("capacity", "capacity", "xla", dict(dispatch="capacity", capacity_factor=1.25,
-                                              gmm_impl="xla")),
+        ("dropless/xla", "dropless", "xla", dict(dispatch="dropless")),
+        ("capacity", "capacity", "xla", dict(dispatch="capacity", capacity_factor=1.25)),
         ("dropless/ragged_dot", "dropless", "ragged_dot",
-         dict(dispatch="dropless", gmm_impl="ragged_dot")),
+         dict(dispatch="dropless")),
     ]
     calls, rows = {}, []
     for row, dispatch, impl, moe_kw in variants:
@@ -116,7 +115,7 @@ def main(argv=None) -> int:
         else:
             cfg = MoEConfig(num_experts=args.experts, top_k=args.top_k, d_expert=args.d_expert,
                             **moe_kw)
-            module = MoELayer(args.d_model, cfg, rngs=nnx.Rngs(0))
+            module = MoELayer(args.d_model, cfg, gmm_impl=impl, rngs=nnx.Rngs(0))
             dropped = float(module(x_btd)[1].dropped_fraction)
         fn, params = _fwd_bwd(module, has_aux=moe_kw is not None)
         calls[row] = functools.partial(fn, params, x_btd)

@@ -9,6 +9,11 @@ backend by platform and keeps a pure-JAX reference beside it for tests.
     out = gmm(x_mk, w_gkn, jnp.array([3, 0, 5]))   # rows 0-2 use w[0], rows 3-7 use w[2]
 """
 
-from pallas_kernels.gmm.ops import GMM_IMPLS, default_impl, gmm, tgmm
+from pallas_kernels import tuning
+from pallas_kernels.flash_attention import ATTENTION_IMPLS, default_attention_impl, flash_attention
+from pallas_kernels.gmm.ops import FALLBACK_ORDER, GMM_IMPLS, choose_impl, default_impl, gmm, tgmm
+from pallas_kernels.tuning import AttentionBlockSizes, GmmBlockSizes
 
-__all__ = ["GMM_IMPLS", "default_impl", "gmm", "tgmm"]
+__all__ = ["ATTENTION_IMPLS", "AttentionBlockSizes", "FALLBACK_ORDER", "GMM_IMPLS", "GmmBlockSizes",
+           "choose_impl", "default_attention_impl", "default_impl", "flash_attention", "gmm",
+           "tgmm", "tuning"]

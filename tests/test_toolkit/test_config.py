@@ -76,6 +76,11 @@ def test_bad_overrides(overrides, message):
     (["train.b2=1.0"], 8, r"train.b2=1.0 must be in \[0, 1\)"),
     (["moe.moe_every=9"], 8, r"moe.moe_every=9 with moe.first_dense_layers=0 leaves no MoE layer"),
     (["data.max_code_bytes=0"], 8, r"data.max_code_bytes=0 must be >= 1"),
+    (["kernels.gmm=triton"], 8, r"kernels.gmm='triton' is unknown; use '' \(by platform\) or one of"),
+    (["kernels.attention=flash"], 8, r"kernels.attention='flash' is unknown"),
+    (["kernels.attention=cudnn"], 8, r"kernels.attention='cudnn' needs an NVIDIA GPU"),
+    (["kernels.attention=pallas_gpu", "model.head_dim=24"], 8,
+     r"needs a power-of-two model.head_dim >= 16, got 24"),
 ])
 def test_invalid_configs_name_field_value_and_fix(overrides, devices, message):
     with pytest.raises(ConfigError, match=message):

@@ -23,9 +23,9 @@ from toolkit.moe import (
 )
 
 
-def _layer(**kw):
+def _layer(gmm_impl="", **kw):
     cfg = MoEConfig(num_experts=4, top_k=2, d_expert=16, **kw)
-    return MoELayer(24, cfg, rngs=nnx.Rngs(0))
+    return MoELayer(24, cfg, gmm_impl=gmm_impl, rngs=nnx.Rngs(0))
 
 
 def _dense_loop(layer, x_btd):

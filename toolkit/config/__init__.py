@@ -25,6 +25,7 @@ from toolkit.config.schema import (
                                     Config,
                                     ConfigError,
                                     DataConfig,
+                                    KernelConfig,
                                     ModelConfig,
                                     MoEConfig,
                                     ParallelConfig,
@@ -34,8 +35,8 @@ from toolkit.config.schema import (
 from toolkit.config.validate import validate
 
 __all__ = [
-    "PRESETS", "Config", "ConfigError", "DataConfig", "MoEConfig", "ModelConfig", "ParallelConfig",
-    "TrainConfig", "all_keys", "apply_overrides", "deepseek_v3", "dense_twin", "describe",
+    "PRESETS", "Config", "ConfigError", "DataConfig", "KernelConfig", "MoEConfig", "ModelConfig",
+    "ParallelConfig", "TrainConfig", "all_keys", "apply_overrides", "deepseek_v3", "dense_twin", "describe",
     "from_dict", "ling_mini_2", "mixtral_8x7b", "preset", "qwen3_30b_a3b", "small", "tiny",
     "validate",
 ]

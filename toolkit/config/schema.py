@@ -62,7 +62,6 @@ class MoEConfig:
         tokens counted per dispatch group.
       dispatch_groups: split the batch into this many groups of whole sequences, each
         dispatched on its own; 0 = one group per batch shard of the mesh (local dispatch).
-      gmm_impl: grouped-matmul backend ("xla", "ragged_dot", "reference"); "" = by platform.
     """
 
     num_experts: int = 8
@@ -78,7 +77,6 @@ class MoEConfig:
     dispatch: str = "dropless"
     capacity_factor: float = 1.25
     dispatch_groups: int = 0
-    gmm_impl: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,6 +163,22 @@ class DataConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class KernelConfig:
+    """Which backend runs the hot paths (`pallas_kernels`); "" picks the best for the platform.
+
+    Attributes:
+      gmm: grouped matmul of the experts: "pallas_gpu", "pallas_tpu", "xla", "ragged_dot",
+        "reference", or "" (Pallas on GPU/TPU, "xla" on CPU, with a fixed fallback order).
+        A Pallas backend on CPU runs in the interpreter: correct, for checking, and slow.
+      attention: "pallas_gpu", "pallas_tpu", "xla", "cudnn" (NVIDIA GPUs), "reference", or
+        "" (Pallas flash attention on GPU/TPU, "xla" on CPU).
+    """
+
+    gmm: str = ""
+    attention: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """A whole run. `name` labels the run directory."""
 
@@ -174,6 +188,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -186,7 +201,7 @@ def from_dict(d: dict) -> Config:
     """Inverse of `Config.to_dict` (lists become tuples)."""
     kinds = {f.name: f.type for f in dataclasses.fields(Config)}
     classes = dict(model=ModelConfig, moe=MoEConfig, parallel=ParallelConfig,
-                   train=TrainConfig, data=DataConfig)
+                   train=TrainConfig, data=DataConfig, kernels=KernelConfig)
     kw = {}
     for key, value in d.items():
         if key in classes:

@@ -52,6 +52,29 @@ def _mesh_errors(cfg: Config, num_devices) -> list:
     return errors
 
 
+def _kernel_errors(kernels, m) -> list:
+    import jax
+
+    from pallas_kernels import ATTENTION_IMPLS, GMM_IMPLS
+    errors = []
+    if kernels.gmm and kernels.gmm not in GMM_IMPLS:
+        errors.append(f"kernels.gmm={kernels.gmm!r} is unknown; use '' (by platform) or one of "
+                      f"{GMM_IMPLS}")
+    if kernels.attention and kernels.attention not in ATTENTION_IMPLS:
+        errors.append(f"kernels.attention={kernels.attention!r} is unknown; use '' (by platform) "
+                      f"or one of {ATTENTION_IMPLS}")
+    platform = jax.default_backend()
+    if kernels.attention == "cudnn" and platform != "gpu":
+        errors.append(f"kernels.attention='cudnn' needs an NVIDIA GPU, this platform is {platform}; "
+                      f"use '' or 'xla'")
+    if kernels.attention == "cudnn" and m.dtype != "bfloat16":
+        errors.append(f"kernels.attention='cudnn' needs model.dtype='bfloat16', got {m.dtype!r}")
+    if kernels.attention == "pallas_gpu" and (m.head_dim < 16 or m.head_dim & (m.head_dim - 1)):
+        errors.append(f"kernels.attention='pallas_gpu' needs a power-of-two model.head_dim >= 16, "
+                      f"got {m.head_dim}; use 64 or 128, or kernels.attention=''")
+    return errors
+
+
 def validate(cfg: Config, num_devices: int | None = None, domain_tokens: dict | None = None) -> Config:
     """Return `cfg` unchanged if it can run, else raise `ConfigError` listing every problem.
 
@@ -108,15 +131,13 @@ def validate(cfg: Config, num_devices: int | None = None, domain_tokens: dict | 
             errors.append(f"moe.moe_every={moe.moe_every} with moe.first_dense_layers="
                           f"{moe.first_dense_layers} leaves no MoE layer among model.num_layers="
                           f"{m.num_layers}; use moe_every <= {m.num_layers}")
-        from pallas_kernels import GMM_IMPLS
-        if moe.gmm_impl and moe.gmm_impl not in GMM_IMPLS:
-            errors.append(f"moe.gmm_impl={moe.gmm_impl!r} is unknown; use '' or one of {GMM_IMPLS}")
     if moe.num_shared_experts < 0:
         errors.append(f"moe.num_shared_experts={moe.num_shared_experts} must be >= 0")
     if moe.aux_loss_weight < 0 or moe.z_loss_weight < 0:
         errors.append(f"moe.aux_loss_weight={moe.aux_loss_weight} and moe.z_loss_weight="
                       f"{moe.z_loss_weight} must be >= 0")
 
+    errors += _kernel_errors(cfg.kernels, m)
     mesh_errors = _mesh_errors(cfg, num_devices)
     errors += mesh_errors
     if not mesh_errors:

@@ -36,10 +36,11 @@ class Block(nnx.Module):
     def __init__(self, cfg: Config, is_moe: bool, *, rngs: nnx.Rngs):
         m = cfg.model
         self.attn_norm = RMSNorm(m.d_model, eps=m.norm_eps)
-        self.attn = Attention(m, rngs=rngs)
+        self.attn = Attention(m, impl=cfg.kernels.attention, rngs=rngs)
         self.ffn_norm = RMSNorm(m.d_model, eps=m.norm_eps)
         self.is_moe = is_moe
-        self.ffn = MoELayer(m.d_model, cfg.moe, rngs=rngs) if is_moe else SwiGLU(
+        self.ffn = MoELayer(m.d_model, cfg.moe, gmm_impl=cfg.kernels.gmm,
+                            rngs=rngs) if is_moe else SwiGLU(
             m.d_model, m.d_ff, rngs=rngs)
 
     def __call__(self, x_btd, positions_bt):

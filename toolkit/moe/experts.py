@@ -19,6 +19,7 @@ from toolkit.sharding.rules import constrain
 class Experts(nnx.Module):
     def __init__(self, num_experts: int, d_model: int, d_expert: int, *, gmm_impl: str = "",
                  rngs: nnx.Rngs):
+        """`gmm_impl`: a `pallas_kernels.GMM_IMPLS` backend, or "" for the platform's best."""
         self.w_gate = param(rngs, (num_experts, d_model, d_expert), ("expert", "embed", "mlp"),
                             fan_in=d_model)
         self.w_up = param(rngs, (num_experts, d_model, d_expert), ("expert", "embed", "mlp"),

@@ -60,11 +60,12 @@ def _per_group(fn, num_groups: int, *args):
 
 
 class MoELayer(nnx.Module):
-    def __init__(self, d_model: int, cfg: MoEConfig, *, rngs: nnx.Rngs):
+    def __init__(self, d_model: int, cfg: MoEConfig, *, gmm_impl: str = "", rngs: nnx.Rngs):
+        """`gmm_impl`: the experts' grouped-matmul backend (`KernelConfig.gmm`; "" = by platform)."""
         self.cfg = cfg
         self.router = TopKRouter(d_model, cfg.num_experts, cfg.top_k,
                                  renormalize=cfg.renormalize, rngs=rngs)
-        self.experts = Experts(cfg.num_experts, d_model, cfg.d_expert, gmm_impl=cfg.gmm_impl,
+        self.experts = Experts(cfg.num_experts, d_model, cfg.d_expert, gmm_impl=gmm_impl,
                                rngs=rngs)
         self.shared = (SwiGLU(d_model, cfg.num_shared_experts * cfg.d_expert, rngs=rngs)
                        if cfg.num_shared_experts else None)
