@@ -2,6 +2,7 @@
 
 import json
 import platform
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -37,3 +38,34 @@ def write_results(name: str, result: dict, table: str) -> None:
     (RESULTS / f"{name}.md").write_text(table)
     print(table)
     print(f"wrote {RESULTS / name}.json and .md")
+
+
+def time_interleaved(calls: dict, warmup: int, repeats: int) -> dict:
+    """Median-able wall times per call; rows take turns so background load hits all alike."""
+    out = {}
+    for name, call in calls.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        out[name] = {"first_call_s": time.perf_counter() - t0, "times_ms": []}
+    for _ in range(warmup):
+        for call in calls.values():
+            jax.block_until_ready(call())
+    for _ in range(repeats):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(call())
+            out[name]["times_ms"].append((time.perf_counter() - t0) * 1e3)
+    for r in out.values():
+        r.update(median_ms=statistics.median(r["times_ms"]), min_ms=min(r["times_ms"]),
+                 max_ms=max(r["times_ms"]))
+    return out
+
+
+def _markdown(rows) -> str:
+    head = "| row | dispatch | gmm_impl | median ms | min ms | vs dense | active GFLOP/s | dropped |\n" \
+           "|---|---|---|---:|---:|---:|---:|---:|\n"
+    return head + "".join(
+        f"| {r['row']} | {r['dispatch']} | {r['gmm_impl']} | {r['median_ms']:.2f} | "
+        f"{r['min_ms']:.2f} | {r['ratio_vs_dense']:.2f}x | {r['gflop_per_s']:.1f} | "
+        f"{r['dropped_fraction']:.3f} |\n"
+        for r in rows)

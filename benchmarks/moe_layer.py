@@ -24,12 +24,10 @@ default JAX device is used (no simulated device count).
 import argparse
 import functools
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
-from common import environment, write_results  # benchmarks/ is on sys.path
+from common import environment, time_interleaved, write_results  # benchmarks/ is on sys.path
 from flax import nnx
 
 from toolkit.config import MoEConfig
@@ -59,27 +57,6 @@ def _fwd_bwd(module, has_aux: bool):
         return jnp.sum((y[0] if has_aux else y).astype(jnp.float32))
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), params
-
-
-def _time_interleaved(calls: dict, warmup: int, repeats: int) -> dict:
-    """Median-able wall times per call; rows take turns so background load hits all alike."""
-    out = {}
-    for name, call in calls.items():
-        t0 = time.perf_counter()
-        jax.block_until_ready(call())
-        out[name] = {"first_call_s": time.perf_counter() - t0, "times_ms": []}
-    for _ in range(warmup):
-        for call in calls.values():
-            jax.block_until_ready(call())
-    for _ in range(repeats):
-        for name, call in calls.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(call())
-            out[name]["times_ms"].append((time.perf_counter() - t0) * 1e3)
-    for r in out.values():
-        r.update(median_ms=statistics.median(r["times_ms"]), min_ms=min(r["times_ms"]),
-                 max_ms=max(r["times_ms"]))
-    return out
 
 
 def _markdown(rows) -> str:
@@ -121,7 +98,7 @@ def main(argv=None) -> int:
         calls[row] = functools.partial(fn, params, x_btd)
         rows.append({"row": row, "dispatch": dispatch, "gmm_impl": impl, "dropped_fraction": dropped})
     load_before = os.getloadavg()[0]
-    timings = _time_interleaved(calls, args.warmup, args.repeats)
+    timings = time_interleaved(calls, args.warmup, args.repeats)
     for r in rows:
         r.update(timings[r["row"]])
         r["gflop_per_s"] = active_gflop / (r["median_ms"] / 1e3)

@@ -38,6 +38,7 @@ ATTENTION_IMPLS = ("pallas_gpu", "pallas_tpu", "xla", "cudnn", "reference")
 PAD_KV_SEGMENT = -(2**31)  # int32 min: a key no query attends
 PAD_Q_SEGMENT = -(2**31) + 1  # a query that attends no key
 _MIN_BLOCK = 16  # Triton dots need operands of at least 16 rows
+_TPU_MIN_BLOCK = 128  # Mosaic: short sequences are padded to one whole 128-lane tile
 
 
 def default_attention_impl() -> str:
@@ -159,9 +160,11 @@ def _flash_bwd(impl, causal, sm_scale, block_sizes, interpret, res, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def fit_block_sizes(bs: tuning.AttentionBlockSizes, t: int, s: int) -> tuning.AttentionBlockSizes:
-    """Tiles no larger than the sequences need: each clipped to `next_power_of_2(len)`, >= 16."""
-    fit = lambda block, n: min(block, max(_MIN_BLOCK, pl.next_power_of_2(n)))
+def fit_block_sizes(bs: tuning.AttentionBlockSizes, t: int, s: int,
+                    min_block: int = _MIN_BLOCK) -> tuning.AttentionBlockSizes:
+    """Tiles no larger than the sequences need: each clipped to `next_power_of_2(len)`, at
+    least `min_block` (16 for Triton; 128 for Mosaic, whose tiles want whole lanes)."""
+    fit = lambda block, n: min(block, max(min_block, pl.next_power_of_2(n)))
     return tuning.AttentionBlockSizes(
         block_q=fit(bs.block_q, t), block_k=fit(bs.block_k, s),
         block_q_bwd=fit(bs.block_q_bwd, t), block_k_bwd=fit(bs.block_k_bwd, s),
@@ -173,7 +176,7 @@ def fit_block_sizes(bs: tuning.AttentionBlockSizes, t: int, s: int) -> tuning.At
 def _pallas_attention(q, k, v, q_seg, kv_seg, *, impl, causal, sm_scale, block_sizes, interpret):
     """Pad T and S to whole tiles, mark the padding with segment ids, run, slice."""
     (b, t, _, _), s = q.shape, k.shape[1]
-    bs = fit_block_sizes(block_sizes, t, s)
+    bs = fit_block_sizes(block_sizes, t, s, _TPU_MIN_BLOCK if impl == "pallas_tpu" else _MIN_BLOCK)
     t_pad = -(-t // math.lcm(bs.block_q, bs.block_q_bwd)) * math.lcm(bs.block_q, bs.block_q_bwd)
     s_pad = -(-s // math.lcm(bs.block_k, bs.block_k_bwd)) * math.lcm(bs.block_k, bs.block_k_bwd)
     if (t_pad, s_pad) != (t, s):

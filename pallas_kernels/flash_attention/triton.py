@@ -98,8 +98,18 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, caus
     lse_ref[...] = jnp.where(empty, jnp.inf, (m_q + jnp.log2(jnp.where(empty, 1.0, l_q))) / _LOG2E)
 
 
-def _params(bs):
-    return plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
+_STAGE_BUDGET = 160 * 1024  # bytes of pipelined tiles per program (H100: 227 KiB in all)
+
+
+def _params(bs, q):
+    """Triton options; stages capped so the two streamed tiles per stage fit shared memory
+    (float32 or D=256 at the table's tiles would otherwise overflow it)."""
+    stages = bs.num_stages
+    if stages is not None:
+        block = max(bs.block_k, bs.block_q_bwd, bs.block_k_bwd)
+        stage_bytes = 2 * block * q.shape[-1] * q.dtype.itemsize
+        stages = max(1, min(stages, _STAGE_BUDGET // stage_bytes))
+    return plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=stages)
 
 
 def _seg_spec(block, index_map):
@@ -132,7 +142,7 @@ def flash_attention_fwd(q, k, v, q_seg, kv_seg, *, causal: bool, sm_scale: float
         ],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
-        compiler_params=_params(block_sizes),
+        compiler_params=_params(block_sizes, q),
         interpret=interpret,
         name="flash_attention_fwd",
     )(q, k, v, q_seg, kv_seg)
@@ -221,7 +231,7 @@ def flash_attention_bwd(q, k, v, q_seg, kv_seg, o, lse, do, *, causal: bool, sm_
     _, s, kv, _ = k.shape
     group, bq, bk = h // kv, block_sizes.block_q_bwd, block_sizes.block_k_bwd
     with_seg = q_seg is not None
-    common = dict(compiler_params=_params(block_sizes), interpret=interpret)
+    common = dict(compiler_params=_params(block_sizes, q), interpret=interpret)
 
     row_spec = pl.BlockSpec((None, bq, None, d), lambda i, j: (j // h, i, j % h, 0))
     vec_spec = pl.BlockSpec((None, None, bq), lambda i, j: (j // h, j % h, i))

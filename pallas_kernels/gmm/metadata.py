@@ -53,7 +53,7 @@ class WorkList:
 
 
 def num_items(num_rows: int, tm: int, num_local: int, visit_empty_groups: bool) -> int:
-    """The static length of the work list."""
+    """The static length of the work list (a bound on the items in use)."""
     return pl_cdiv(num_rows, tm) + num_local + 1 + (num_local if visit_empty_groups else 0)
 
 
@@ -62,11 +62,12 @@ def pl_cdiv(a: int, b: int) -> int:
 
 
 def make_work_list(group_sizes_g, *, num_rows: int, tm: int, group_offset, num_local: int,
-                   visit_empty_groups: bool = False) -> WorkList:
+                   visit_empty_groups: bool = False, cover_all_rows: bool = True) -> WorkList:
     """The work list for groups `[group_offset, group_offset + num_local)` of `group_sizes_g`.
 
     `sum(group_sizes_g)` may be less than `num_rows` (the tail is a "none" segment) but not
-    more. `group_offset` may be traced.
+    more. `group_offset` may be traced. `cover_all_rows=False` leaves out the "none"
+    items: `tgmm` writes per group, not per row, and need not visit rows of no group.
     """
     sizes_g = group_sizes_g.astype(jnp.int32)
     num_tiles = pl_cdiv(num_rows, tm)
@@ -82,6 +83,8 @@ def make_work_list(group_sizes_g, *, num_rows: int, tm: int, group_offset, num_l
     is_group_s = (jnp.arange(num_local + 2) >= 1) & (jnp.arange(num_local + 2) <= num_local)
     empty_items = 1 if visit_empty_groups else 0
     count_s = jnp.where(sizes_s > 0, last_s - first_s + 1, jnp.where(is_group_s, empty_items, 0))
+    if not cover_all_rows:
+        count_s = jnp.where(is_group_s, count_s, 0)
 
     total = num_items(num_rows, tm, num_local, visit_empty_groups)
     ends_count_s = jnp.cumsum(count_s)

@@ -49,6 +49,11 @@ def fit_tile(dim: int, want: int) -> int | None:
     return t if t >= LANE else None
 
 
+def _row_tile(m: int, tm: int) -> int:
+    """`tm`, or all the rows (rounded up to 8 sublanes) when there are fewer."""
+    return min(tm, -(-m // 8) * 8)
+
+
 def _interpret(interpret):
     return pltpu.InterpretParams() if interpret else False
 
@@ -74,11 +79,9 @@ def _gmm_kernel(group_ref, tile_ref, start_ref, end_ref, num_ref, x_ref, w_ref, 
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
     @pl.when((item < num_ref[0]) & is_group)
-    def _():
-        rows_mk = tile * tm + jax.lax.broadcasted_iota(jnp.int32, x_ref.shape, 0)
-        x_mk = jnp.where((rows_mk >= start_ref[item]) & (rows_mk < end_ref[item]), x_ref[...], 0)
+    def _():  # other groups' rows are multiplied too, and dropped by the masked store below
         dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
-        acc_ref[...] += jax.lax.dot_general(x_mk, w_ref[...], dims,
+        acc_ref[...] += jax.lax.dot_general(x_ref[...], w_ref[...], dims,
                                             preferred_element_type=jnp.float32)
 
     @pl.when((item < num_ref[0]) & (kb == pl.num_programs(2) - 1))
@@ -96,22 +99,33 @@ def gmm(lhs_mk, rhs, group_sizes_g, group_offset, *, transpose_rhs, block_sizes,
     m, k = lhs_mk.shape
     num_local = rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    tm, tk, tn = block_sizes.tm, fit_tile(k, block_sizes.tk), fit_tile(n, block_sizes.tn)
+    tm, tk, tn = _row_tile(m, block_sizes.tm), fit_tile(k, block_sizes.tk), fit_tile(n, block_sizes.tn)
     if tk is None or tn is None:
         raise ValueError(f"gmm[pallas_tpu]: K={k} and N={n} must be <= the tiles "
                          f"({block_sizes.tk}, {block_sizes.tn}) or split into multiples of 128")
     x_mk = _pad_rows(lhs_mk, 0, tm)
     work = make_work_list(group_sizes_g, num_rows=m, tm=tm, group_offset=group_offset,
                           num_local=num_local)
+    num_k = k // tk
     grp = lambda w, g: jnp.clip(g[w], 0, num_local - 1)
+
+    def kblock(w, kb, g, num):
+        # Items that compute nothing (past num_work, or rows of no group) hold the last K
+        # block, so stepping through their K loop fetches no new blocks.
+        busy = (w < num[0]) & (g[w] >= 0) & (g[w] < num_local)
+        return jnp.where(busy, kb, num_k - 1)
+
     if transpose_rhs:
-        w_spec = pl.BlockSpec((None, tn, tk), lambda j, w, kb, g, t, *_: (grp(w, g), j, kb))
+        w_spec = pl.BlockSpec((None, tn, tk), lambda j, w, kb, g, t, s, e, num: (
+            grp(w, g), j, kblock(w, kb, g, num)))
     else:
-        w_spec = pl.BlockSpec((None, tk, tn), lambda j, w, kb, g, t, *_: (grp(w, g), kb, j))
+        w_spec = pl.BlockSpec((None, tk, tn), lambda j, w, kb, g, t, s, e, num: (
+            grp(w, g), kblock(w, kb, g, num), j))
+    x_spec = pl.BlockSpec((tm, tk), lambda j, w, kb, g, t, s, e, num: (t[w], kblock(w, kb, g, num)))
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=5,
-        grid=(n // tn, work.group.shape[0], k // tk),
-        in_specs=[pl.BlockSpec((tm, tk), lambda j, w, kb, g, t, *_: (t[w], kb)), w_spec],
+        grid=(n // tn, work.group.shape[0], num_k),
+        in_specs=[x_spec, w_spec],
         out_specs=pl.BlockSpec((tm, tn), lambda j, w, kb, g, t, *_: (t[w], j)),
         scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
     )
@@ -127,14 +141,12 @@ def gmm(lhs_mk, rhs, group_sizes_g, group_offset, *, transpose_rhs, block_sizes,
     return out[:m]
 
 
-def _tgmm_kernel(group_ref, tile_ref, start_ref, end_ref, num_ref, x_ref, g_ref, o_ref, acc_ref,
-                 *, num_local):
+def _tgmm_kernel(group_ref, tile_ref, start_ref, end_ref, num_ref, x_ref, g_ref, o_ref, acc_ref):
     item = pl.program_id(2)
     last_item = pl.num_programs(2) - 1
     num_work = num_ref[0]
     group, tile = group_ref[item], tile_ref[item]
     tk, tm = x_ref.shape
-    is_group = (group >= 0) & (group < num_local)
     first = (item == 0) | (group_ref[jnp.maximum(item - 1, 0)] != group)
     last = (item == num_work - 1) | (group_ref[jnp.minimum(item + 1, last_item)] != group)
 
@@ -142,7 +154,7 @@ def _tgmm_kernel(group_ref, tile_ref, start_ref, end_ref, num_ref, x_ref, g_ref,
     def _():
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
-    @pl.when((item < num_work) & is_group)
+    @pl.when(item < num_work)
     def _():
         lo, hi = start_ref[item], end_ref[item]
         cols_km = tile * tm + jax.lax.broadcasted_iota(jnp.int32, (tk, tm), 1)
@@ -151,23 +163,24 @@ def _tgmm_kernel(group_ref, tile_ref, start_ref, end_ref, num_ref, x_ref, g_ref,
         g_mn = jnp.where((rows_mn >= lo) & (rows_mn < hi), g_ref[...], 0)
         acc_ref[...] += jnp.dot(x_km, g_mn, preferred_element_type=jnp.float32)
 
-    @pl.when((item < num_work) & is_group & last)
+    @pl.when((item < num_work) & last)
     def _():
         o_ref[...] = acc_ref[...].astype(o_ref.dtype)
 
 
-def tgmm(lhs_km, grad_mn, group_sizes_g, group_offset, *, num_groups, block_sizes, out_dtype,
+def tgmm(lhs_mk, grad_mn, group_sizes_g, group_offset, *, num_groups, block_sizes, out_dtype,
          interpret):
-    """`out[l] = lhs[:, rows of group offset + l] @ grad[those rows]`: `[num_groups, K, N]`."""
+    """`out[l] = lhs[rows of group offset + l].T @ grad[those rows]`: `[num_groups, K, N]`."""
+    lhs_km = lhs_mk.T  # rows along lanes: the MXU contracts x_km @ g_mn directly
     k, m = lhs_km.shape
     n = grad_mn.shape[1]
-    tm, tk, tn = block_sizes.tm, fit_tile(k, block_sizes.tk), fit_tile(n, block_sizes.tn)
+    tm, tk, tn = _row_tile(m, block_sizes.tm), fit_tile(k, block_sizes.tk), fit_tile(n, block_sizes.tn)
     if tk is None or tn is None:
         raise ValueError(f"tgmm[pallas_tpu]: K={k} and N={n} must be <= the tiles "
                          f"({block_sizes.tk}, {block_sizes.tn}) or split into multiples of 128")
     x_km, g_mn = _pad_rows(lhs_km, 1, tm), _pad_rows(grad_mn, 0, tm)
     work = make_work_list(group_sizes_g, num_rows=m, tm=tm, group_offset=group_offset,
-                          num_local=num_groups, visit_empty_groups=True)
+                          num_local=num_groups, visit_empty_groups=True, cover_all_rows=False)
     grp = lambda w, g: jnp.clip(g[w], 0, num_groups - 1)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=5,
@@ -178,7 +191,7 @@ def tgmm(lhs_km, grad_mn, group_sizes_g, group_offset, *, num_groups, block_size
         scratch_shapes=[pltpu.VMEM((tk, tn), jnp.float32)],
     )
     return pl.pallas_call(
-        functools.partial(_tgmm_kernel, num_local=num_groups),
+        _tgmm_kernel,
         out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
         grid_spec=grid_spec,
         compiler_params=pltpu.CompilerParams(

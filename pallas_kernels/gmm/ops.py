@@ -28,7 +28,8 @@ Backends (`impl=`), tried in a fixed order per platform when `impl` is None
 * `"reference"`: the masked definition (`reference.py`), G times the FLOPs, for tests.
 
 The Pallas and xla backends share one custom VJP written with their own two ops:
-`d lhs = gmm(grad, rhs, transpose_rhs=not transpose_rhs)` and `d rhs = tgmm(lhs.T, grad)`.
+`d lhs = gmm(grad, rhs, transpose_rhs=not transpose_rhs)` and `d rhs = tgmm(lhs.T, grad)`
+(backends take tgmm's `lhs` as `[M, K]`, so no transpose is materialised).
 Pallas backends run interpreted on CPU (`interpret=None` decides by platform), which is
 how the tests check them; tiles come from `tuning.block_sizes` unless given.
 
@@ -85,8 +86,9 @@ def unsupported(impl, lhs, rhs, transpose_rhs, block_sizes) -> str | None:
         bs = _block_sizes(impl, block_sizes, lhs.shape[-2], k, n)
         if mosaic_tpu.fit_tile(k, bs.tk) is None or mosaic_tpu.fit_tile(n, bs.tn) is None:
             return f"K={k}, N={n} do not split into tiles of (tk={bs.tk}, tn={bs.tn}) multiples of 128"
-        if bs.tm % 8:
-            return f"tm={bs.tm} must be a multiple of 8"
+        if bs.tm % 8 or (bs.tm % 128 and lhs.shape[-2] > bs.tm):
+            return (f"tm={bs.tm} must be a multiple of 128 (tgmm puts rows on lanes), or a "
+                    f"multiple of 8 no smaller than M={lhs.shape[-2]}")
     return None
 
 
@@ -159,9 +161,9 @@ def _gmm_bwd(impl, transpose_rhs, block_sizes, out_dtype, interpret, res, grad_m
     dlhs = backend.gmm(grad_mn, rhs, group_sizes, group_offset, transpose_rhs=not transpose_rhs,
                        block_sizes=_block_sizes(impl, block_sizes, m, n, k),
                        out_dtype=lhs.dtype, interpret=interpret)
-    a_km, b_mn = (grad_mn.T, lhs) if transpose_rhs else (lhs.T, grad_mn)
-    drhs = backend.tgmm(a_km, b_mn, group_sizes, group_offset, num_groups=rhs.shape[0],
-                        block_sizes=_block_sizes(impl, block_sizes, m, a_km.shape[0],
+    a_mk, b_mn = (grad_mn, lhs) if transpose_rhs else (lhs, grad_mn)
+    drhs = backend.tgmm(a_mk, b_mn, group_sizes, group_offset, num_groups=rhs.shape[0],
+                        block_sizes=_block_sizes(impl, block_sizes, m, a_mk.shape[1],
                                                  b_mn.shape[1]),
                         out_dtype=rhs.dtype, interpret=interpret)
     return dlhs, drhs, None, None
@@ -257,6 +259,6 @@ def tgmm(lhs_km, grad_mn, group_sizes, *, num_groups=None, group_offset=None, im
     if impl == "ragged_dot":
         return ragged.tgmm(lhs_km, grad_mn, group_sizes, offset, num, out_dtype)
     (k, m), n = lhs_km.shape, grad_mn.shape[1]
-    return _BACKENDS[impl].tgmm(lhs_km, grad_mn, group_sizes, offset, num_groups=num,
+    return _BACKENDS[impl].tgmm(lhs_km.T, grad_mn, group_sizes, offset, num_groups=num,
                                 block_sizes=_block_sizes(impl, block_sizes, m, k, n),
                                 out_dtype=out_dtype, interpret=_interpret(interpret, impl))

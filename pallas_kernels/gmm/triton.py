@@ -12,7 +12,7 @@ stores only its group's rows, so programs sharing a tile write disjoint rows:
 group's rows `tm` at a time from wherever the group starts, so an empty group runs zero
 iterations and writes zeros:
 
-    out[g, k-block, n-block] = sum over row chunks of x_km[k-block, rows] @ g_mn[rows, n-block]
+    out[g, k-block, n-block] = sum over row chunks of x_mk[rows, k-block].T @ g_mn[rows, n-block]
 
 Loads are masked at every edge, so M, K and N need not be multiples of the tiles.
 `interpret=True` runs the same kernels on CPU through the Pallas interpreter (the tests
@@ -32,11 +32,17 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.gmm.metadata import make_work_list
 
+SHARED_MEMORY_BUDGET = 192 * 1024  # bytes of pipelined tiles per program (H100 allows 227 KiB)
 
-def _compiler_params(bs, interpret):
+
+def _compiler_params(bs, interpret, stage_bytes):
+    """Triton options; pipelining stages capped so `stages * stage_bytes` fits shared memory."""
     if interpret:
         return None
-    return plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
+    stages = bs.num_stages
+    if stages is not None:
+        stages = max(1, min(stages, SHARED_MEMORY_BUDGET // stage_bytes))
+    return plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=stages)
 
 
 def _gmm_kernel(group_ref, tile_ref, start_ref, end_ref, num_ref, x_ref, w_ref, o_ref, *,
@@ -96,14 +102,15 @@ def gmm(lhs_mk, rhs, group_sizes_g, group_offset, *, transpose_rhs, block_sizes,
         kernel,
         out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
         grid=(work.group.shape[0], pl.cdiv(n, tn)),
-        compiler_params=_compiler_params(block_sizes, interpret),
+        compiler_params=_compiler_params(block_sizes, interpret,
+                                         (tm * tk + tk * tn) * lhs_mk.dtype.itemsize),
         interpret=interpret,
         name="gmm",
     )(work.group, work.tile, work.row_start, work.row_end, work.num_work, lhs_mk, rhs)
 
 
 def _tgmm_kernel(start_ref, end_ref, x_ref, g_ref, o_ref, *, tm, tk, tn):
-    k, m = x_ref.shape
+    m, k = x_ref.shape
     n = g_ref.shape[1]
     group, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     start, end = start_ref[group], end_ref[group]
@@ -114,11 +121,12 @@ def _tgmm_kernel(start_ref, end_ref, x_ref, g_ref, o_ref, *, tm, tk, tn):
     def step(c, acc_kn):
         rows_m = start + c * tm + jnp.arange(tm)
         row_ok_m = rows_m < end
-        x_km = plgpu.load(x_ref.at[pl.ds(i * tk, tk), pl.ds(start + c * tm, tm)],
-                          mask=k_ok_k[:, None] & row_ok_m[None, :], other=0.0)
+        # Both loads run along contiguous rows of [M, K] and [M, N]; the dot transposes x.
+        x_mk = plgpu.load(x_ref.at[pl.ds(start + c * tm, tm), pl.ds(i * tk, tk)],
+                          mask=row_ok_m[:, None] & k_ok_k[None, :], other=0.0)
         g_mn = plgpu.load(g_ref.at[pl.ds(start + c * tm, tm), pl.ds(j * tn, tn)],
                           mask=row_ok_m[:, None] & col_ok_n[None, :], other=0.0)
-        return acc_kn + plgpu.dot(x_km, g_mn)
+        return acc_kn + plgpu.dot(x_mk, g_mn, trans_a=True)
 
     num_chunks = pl.cdiv(end - start, tm)  # zero for an empty group
     acc_kn = jax.lax.fori_loop(0, num_chunks, step, jnp.zeros((tk, tn), jnp.float32))
@@ -126,10 +134,10 @@ def _tgmm_kernel(start_ref, end_ref, x_ref, g_ref, o_ref, *, tm, tk, tn):
                 mask=k_ok_k[:, None] & col_ok_n[None, :])
 
 
-def tgmm(lhs_km, grad_mn, group_sizes_g, group_offset, *, num_groups, block_sizes, out_dtype,
+def tgmm(lhs_mk, grad_mn, group_sizes_g, group_offset, *, num_groups, block_sizes, out_dtype,
          interpret):
-    """`out[l] = lhs[:, rows of group offset + l] @ grad[those rows]`: `[num_groups, K, N]`."""
-    k, m = lhs_km.shape
+    """`out[l] = lhs[rows of group offset + l].T @ grad[those rows]`: `[num_groups, K, N]`."""
+    m, k = lhs_mk.shape
     n = grad_mn.shape[1]
     tm, tk, tn = block_sizes.tm, block_sizes.tk, block_sizes.tn
     work = make_work_list(group_sizes_g, num_rows=m, tm=tm, group_offset=group_offset,
@@ -139,7 +147,8 @@ def tgmm(lhs_km, grad_mn, group_sizes_g, group_offset, *, num_groups, block_size
         kernel,
         out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
         grid=(num_groups, pl.cdiv(k, tk), pl.cdiv(n, tn)),
-        compiler_params=_compiler_params(block_sizes, interpret),
+        compiler_params=_compiler_params(block_sizes, interpret,
+                                         (tm * tk + tm * tn) * lhs_mk.dtype.itemsize),
         interpret=interpret,
         name="tgmm",
-    )(work.group_start, work.group_end, lhs_km, grad_mn)
+    )(work.group_start, work.group_end, lhs_mk, grad_mn)

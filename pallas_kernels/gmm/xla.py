@@ -1,102 +1,145 @@
-"""Grouped matmul in plain XLA ops, fast on CPU: pad each group to whole row tiles.
+"""Grouped matmul in plain XLA ops, fast on CPU: a loop over groups, dense matmuls inside.
 
-`jax.lax.ragged_dot` on CPU expands to dense work over every group (7-14x slower than
-a dense matmul of the same FLOPs). Instead we lay the rows out MegaBlocks-style: each
-group is padded up to a multiple of `tile_rows`, so every tile of rows belongs to exactly
-one group, and one batched matmul multiplies every tile by its group's matrix:
+`jax.lax.ragged_dot` on CPU expands to dense work over every group (7-14x slower than a
+dense matmul of the same FLOPs), and padding every group to tiles and running one batched
+matmul pays twice: a `[tiles, K, N]` gather of the weights and a static tile budget that
+is mostly padding. Instead we walk the groups. Rows are sorted by group, so group g owns
+the contiguous rows `[start_g, end_g)`; each is multiplied in windows of `tm` rows by the
+group's own matrix, each window one ordinary (multi-threaded) matmul written in place:
 
-    group_sizes = [5, 0, 3], tile_rows = 4
-    padded rows:  g0 g0 g0 g0 | g0 -- -- -- | g2 g2 g2 --      3 tiles
-    out_tiles = einsum("tmk,tkn->tmn", x_tiles, rhs[tile_group])
+    for g in groups:                                  # fori_loop, w[g] read once
+        for each full window of tm rows in g:         # fori_loop, traced trip count
+            out[rows] = x[rows] @ w[g]
+        for each window of tm/2 rows in g's tail:      # the last < tm rows
+            out[rows] = where(row in g, x[rows] @ w[g], out[rows])
 
-The number of tiles has a static bound, `ceil((M + G * (tile_rows - 1)) / tile_rows)`,
-so the program shape never depends on the routing. Gradients come from JAX's transposes
-of the gather, scatter and einsum (a segment sum into `rhs` for the weight gradient).
+Work is exact up to the tail windows (under `tm / 2` wasted rows per group), empty
+groups cost nothing, and nothing is padded or gathered. `tgmm` walks the same windows,
+accumulating `x[rows].T @ grad[rows]` per group. Both loops have traced trip counts, so
+they are written for the forward program only: `ops.py` differentiates through its own
+custom VJP, which calls these two functions again.
+
+    out_mn = gmm(x_mk, w_gkn, sizes_g, 0, transpose_rhs=False, block_sizes=None,
+                 out_dtype=jnp.float32)
 """
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.gmm.reference import group_ids
-
 
 def default_tile_rows(num_rows: int, num_groups: int) -> int:
-    """A power of two near `M / (4 G)`: padding costs at most ~25% extra rows when balanced."""
-    target = max(8, num_rows // max(1, 4 * num_groups))
-    tile = 8
-    while tile * 2 <= min(target, 512):
+    """A power of two near the mean group size, in [16, 1024]: most rows fall in full windows
+    (each window is one matmul call, whose fixed cost on CPU rewards few, large windows)."""
+    target = max(16, num_rows // max(1, num_groups))
+    tile = 16
+    while tile * 2 <= min(target, 1024):
         tile *= 2
     return tile
 
 
-def _tile_layout(group_sizes_g, num_rows, tm, group_offset, num_local):
-    """Where each row goes when local groups are padded to whole tiles of `tm` rows.
-
-    Returns (dest_m, tile_group_t, num_tiles): the padded row of every input row (out of
-    bounds for rows outside the local groups) and the local group of every tile.
-    """
-    group_sizes_g = group_sizes_g.astype(jnp.int32)
-    num_tiles = -(-(num_rows + num_local * (tm - 1)) // tm)
-    local_sizes_l = jax.lax.dynamic_slice_in_dim(group_sizes_g, group_offset, num_local)
-    padded_sizes_l = -(-local_sizes_l // tm) * tm
-    padded_ends_l = jnp.cumsum(padded_sizes_l)
-    padded_starts_l = padded_ends_l - padded_sizes_l
-    starts_g = jnp.cumsum(group_sizes_g) - group_sizes_g
-
-    local_m = group_ids(group_sizes_g, num_rows) - group_offset
-    in_local_m = (local_m >= 0) & (local_m < num_local)
-    safe_l = jnp.clip(local_m, 0, num_local - 1)
-    dest_m = padded_starts_l[safe_l] + jnp.arange(num_rows) - starts_g[safe_l + group_offset]
-    dest_m = jnp.where(in_local_m, dest_m, num_tiles * tm)  # out of bounds: dropped
-    tile_group_t = jnp.searchsorted(padded_ends_l, jnp.arange(num_tiles) * tm, side="right")
-    return dest_m, jnp.minimum(tile_group_t, num_local - 1), num_tiles
+def _windows(num_rows, tm):
+    """(full window rows, tail window rows), both at most `num_rows`."""
+    tm = max(1, min(tm, num_rows))
+    return tm, max(1, min(max(8, tm // 2), num_rows))
 
 
-def _to_tiles(x_mk, dest_m, num_tiles, tm):
-    x_pk = jnp.zeros((num_tiles * tm, x_mk.shape[1]), x_mk.dtype)
-    return x_pk.at[dest_m].set(x_mk, mode="drop").reshape(num_tiles, tm, -1)
+def _group_bounds(group_sizes_g, group_offset, num_local):
+    sizes_g = group_sizes_g.astype(jnp.int32)
+    ends_g = jnp.cumsum(sizes_g)
+    starts_l = jax.lax.dynamic_slice_in_dim(ends_g - sizes_g, group_offset, num_local)
+    ends_l = jax.lax.dynamic_slice_in_dim(ends_g, group_offset, num_local)
+    return starts_l, ends_l
 
 
-def gmm_tiled(lhs_mk, rhs, group_sizes_g, *, transpose_rhs=False, group_offset=0,
-              tile_rows=None, preferred_element_type=None):
-    """Grouped matmul by padding groups to row tiles; exact, no FLOPs spent on other groups.
+def _walk(start, end, tm, tail, num_rows, full_fn, tail_fn, carry):
+    """Run `full_fn(lo, carry)` on full windows of `[start, end)`, then `tail_fn(lo, st,
+    carry)` on tail windows (`lo`: first row of the window; `st`: where a window that
+    would run past the last row is moved back to)."""
+    num_full = (end - start) // tm
+    carry = jax.lax.fori_loop(0, num_full, lambda c, a: full_fn(start + c * tm, a), carry)
+    tail_start = start + num_full * tm
+    num_tail = (end - tail_start + tail - 1) // tail
 
-    `rhs` is `[G_local, K, N]` (or `[G_local, N, K]` with `transpose_rhs`), holding groups
-    `[group_offset, group_offset + G_local)` of `group_sizes`.
-    """
-    num_rows = lhs_mk.shape[0]
-    num_local = rhs.shape[0]
-    out_dtype = preferred_element_type or lhs_mk.dtype
-    tm = tile_rows or default_tile_rows(num_rows, num_local)
-    dest_m, tile_group_t, num_tiles = _tile_layout(group_sizes_g, num_rows, tm, group_offset,
-                                                   num_local)
-    x_tmk = _to_tiles(lhs_mk, dest_m, num_tiles, tm)
-    spec = "tmk,tnk->tmn" if transpose_rhs else "tmk,tkn->tmn"
-    out_tmn = jnp.einsum(spec, x_tmk, rhs[tile_group_t], preferred_element_type=jnp.float32)
-    out_pn = out_tmn.reshape(num_tiles * tm, -1)
-    out_mn = jnp.take(out_pn, dest_m, axis=0, mode="fill", fill_value=0)
-    return out_mn.astype(out_dtype)
+    def tail_step(c, a):
+        lo = tail_start + c * tail
+        return tail_fn(lo, jnp.minimum(lo, num_rows - tail), a)
+
+    return jax.lax.fori_loop(0, num_tail, tail_step, carry)
 
 
-def tgmm_tiled(lhs_km, grad_mn, group_sizes_g, *, num_groups=None, group_offset=0,
-               tile_rows=None, preferred_element_type=None):
-    """Transposed grouped matmul `out[l] = lhs[:, rows_l] @ grad[rows_l]`: `[G_local, K, N]`.
+def gmm(lhs_mk, rhs, group_sizes_g, group_offset, *, transpose_rhs, block_sizes, out_dtype,
+        interpret=False):
+    """`out[m] = lhs[m] @ rhs[group(m) - offset]`; rows of other groups are zeros."""
+    del interpret
+    num_rows, num_local = lhs_mk.shape[0], rhs.shape[0]
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    out_dtype = out_dtype or lhs_mk.dtype
+    if num_rows == 0:
+        return jnp.zeros((0, n), out_dtype)
+    tm = block_sizes.tm if block_sizes else default_tile_rows(num_rows, num_local)
+    tm, tail = _windows(num_rows, tm)
+    starts_l, ends_l = _group_bounds(group_sizes_g, group_offset, num_local)
+    dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
 
-    Same tile layout as `gmm_tiled`: one batched outer product per tile, then a segment sum
-    of the tiles into their groups.
-    """
-    num_rows = lhs_km.shape[1]
-    num_local = num_groups or group_sizes_g.shape[0]
-    out_dtype = preferred_element_type or lhs_km.dtype
-    tm = tile_rows or default_tile_rows(num_rows, num_local)
-    dest_m, tile_group_t, num_tiles = _tile_layout(group_sizes_g, num_rows, tm, group_offset,
-                                                   num_local)
-    x_tmk = _to_tiles(lhs_km.T, dest_m, num_tiles, tm)
-    g_tmn = _to_tiles(grad_mn, dest_m, num_tiles, tm)
-    out_tkn = jnp.einsum("tmk,tmn->tkn", x_tmk, g_tmn, preferred_element_type=jnp.float32)
-    out_lkn = jax.ops.segment_sum(out_tkn, tile_group_t, num_segments=num_local,
-                                  indices_are_sorted=True)
-    return out_lkn.astype(out_dtype)
+    def group(g, out_mn):
+        w = rhs[g]
+        end = ends_l[g]
+
+        def mul(x_rk):
+            return jax.lax.dot_general(x_rk, w, dims, preferred_element_type=jnp.float32)
+
+        def full(lo, out_mn):
+            y = mul(jax.lax.dynamic_slice_in_dim(lhs_mk, lo, tm))
+            return jax.lax.dynamic_update_slice_in_dim(out_mn, y.astype(out_dtype), lo, 0)
+
+        def part(lo, st, out_mn):
+            y = mul(jax.lax.dynamic_slice_in_dim(lhs_mk, st, tail))
+            rows = st + jnp.arange(tail)
+            mine = ((rows >= lo) & (rows < end))[:, None]
+            old = jax.lax.dynamic_slice_in_dim(out_mn, st, tail)
+            return jax.lax.dynamic_update_slice_in_dim(
+                out_mn, jnp.where(mine, y.astype(out_dtype), old), st, 0)
+
+        return _walk(starts_l[g], end, tm, tail, num_rows, full, part, out_mn)
+
+    return jax.lax.fori_loop(0, num_local, group, jnp.zeros((num_rows, n), out_dtype))
+
+
+def tgmm(x_mk, grad_mn, group_sizes_g, group_offset, *, num_groups, block_sizes, out_dtype,
+         interpret=False):
+    """`out[l] = x[rows of group offset + l].T @ grad[those rows]`: `[num_groups, K, N]`."""
+    del interpret
+    num_rows, k = x_mk.shape
+    n = grad_mn.shape[1]
+    out_dtype = out_dtype or x_mk.dtype
+    if num_rows == 0:
+        return jnp.zeros((num_groups, k, n), out_dtype)
+    tm = block_sizes.tm if block_sizes else default_tile_rows(num_rows, num_groups)
+    tm, tail = _windows(num_rows, tm)
+    starts_l, ends_l = _group_bounds(group_sizes_g, group_offset, num_groups)
+    contract_rows = (((0,), (0,)), ((), ()))
+
+    def group(g, out_lkn):
+        start, end = starts_l[g], ends_l[g]
+
+        def full(lo, acc_kn):
+            x = jax.lax.dynamic_slice_in_dim(x_mk, lo, tm)
+            g = jax.lax.dynamic_slice_in_dim(grad_mn, lo, tm)
+            return acc_kn + jax.lax.dot_general(x, g, contract_rows,
+                                                preferred_element_type=jnp.float32)
+
+        def part(lo, st, acc_kn):
+            rows = st + jnp.arange(tail)
+            mine = ((rows >= lo) & (rows < end))[:, None]
+            x = jnp.where(mine, jax.lax.dynamic_slice_in_dim(x_mk, st, tail), 0)
+            g = jnp.where(mine, jax.lax.dynamic_slice_in_dim(grad_mn, st, tail), 0)
+            return acc_kn + jax.lax.dot_general(x, g, contract_rows,
+                                                preferred_element_type=jnp.float32)
+
+        acc_kn = _walk(start, end, tm, tail, num_rows, full, part, jnp.zeros((k, n), jnp.float32))
+        return jax.lax.dynamic_update_index_in_dim(out_lkn, acc_kn.astype(out_dtype), g, 0)
+
+    return jax.lax.fori_loop(0, num_groups, group, jnp.zeros((num_groups, k, n), out_dtype))
 
 
 def padded_gmm(lhs_gck, rhs_gkn, group_sizes_g, *, preferred_element_type=None):
@@ -108,21 +151,3 @@ def padded_gmm(lhs_gck, rhs_gkn, group_sizes_g, *, preferred_element_type=None):
     out_gcn = jnp.einsum("...gck,gkn->...gcn", lhs_gck, rhs_gkn, preferred_element_type=jnp.float32)
     valid_gc = jnp.arange(lhs_gck.shape[-2]) < group_sizes_g[..., None]
     return jnp.where(valid_gc[..., None], out_gcn, 0.0).astype(out_dtype)
-
-
-def gmm(lhs_mk, rhs, group_sizes_g, group_offset, *, transpose_rhs, block_sizes, out_dtype,
-        interpret=False):
-    """`gmm_tiled` with the backend signature shared by `triton.py` and `mosaic_tpu.py`."""
-    del interpret
-    return gmm_tiled(lhs_mk, rhs, group_sizes_g, transpose_rhs=transpose_rhs,
-                     group_offset=group_offset, tile_rows=block_sizes and block_sizes.tm,
-                     preferred_element_type=out_dtype)
-
-
-def tgmm(lhs_km, grad_mn, group_sizes_g, group_offset, *, num_groups, block_sizes, out_dtype,
-         interpret=False):
-    """`tgmm_tiled` with the backend signature shared by `triton.py` and `mosaic_tpu.py`."""
-    del interpret
-    return tgmm_tiled(lhs_km, grad_mn, group_sizes_g, num_groups=num_groups,
-                      group_offset=group_offset, tile_rows=block_sizes and block_sizes.tm,
-                      preferred_element_type=out_dtype)

@@ -12,22 +12,24 @@ from pallas_kernels import FALLBACK_ORDER, GmmBlockSizes, choose_impl, gmm, tgmm
 from pallas_kernels.gmm.metadata import make_work_list, num_items
 from pallas_kernels.gmm.reference import gmm_reference, group_ids, tgmm_reference
 
-# Small tiles so a few dozen rows already give many tiles, straddles and partial tiles.
+# Small tiles so a few dozen rows already give many tiles, straddles and partial tiles (the
+# TPU kernels put rows on lanes in tgmm, so their row tile is 128; CASES has a long case).
 TILES = {"pallas_gpu": GmmBlockSizes(tm=16, tk=16, tn=16),
-         "pallas_tpu": GmmBlockSizes(tm=8, tk=128, tn=128)}
+         "pallas_tpu": GmmBlockSizes(tm=128, tk=128, tn=128)}
 
 
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.integers(0, 20), min_size=1, max_size=6), st.integers(0, 9),
-       st.sampled_from([1, 4, 8]), st.data(), st.booleans())
-def test_work_list_covers_every_row_once(sizes, extra, tm, data, visit_empty):
+       st.sampled_from([1, 4, 8]), st.data(), st.booleans(), st.booleans())
+def test_work_list_covers_every_row_once(sizes, extra, tm, data, visit_empty, cover_all):
     m = sum(sizes) + extra
     if m == 0:
         return
     offset = data.draw(st.integers(0, len(sizes) - 1))
     num_local = data.draw(st.integers(1, len(sizes) - offset))
     w = make_work_list(jnp.asarray(sizes), num_rows=m, tm=tm, group_offset=offset,
-                       num_local=num_local, visit_empty_groups=visit_empty)
+                       num_local=num_local, visit_empty_groups=visit_empty,
+                       cover_all_rows=cover_all)
     n = int(w.num_work[0])
     assert w.group.shape == (num_items(m, tm, num_local, visit_empty),) and 1 <= n <= len(w.group)
     covered = np.zeros(m, int)
@@ -41,8 +43,9 @@ def test_work_list_covers_every_row_once(sizes, extra, tm, data, visit_empty):
         if 0 <= g < num_local:
             assert np.all(gid[rows] == g)
         else:
-            assert np.all(gid[rows] == -9)
-    assert np.all(covered == 1)
+            assert cover_all and np.all(gid[rows] == -9)
+    # gmm covers every row once; tgmm's list (cover_all=False) only the local groups' rows
+    assert np.all(covered == np.where(cover_all | (gid >= 0), 1, 0))
     assert np.all(np.diff(np.asarray(w.tile[:n])) >= 0)  # tiles in order: blocks stay resident
     assert np.all(np.asarray(w.tile[n:]) == int(w.tile[n - 1]))  # padding repeats the last item
     if visit_empty:  # tgmm: every local group has an item, so its gradient block is written
@@ -54,6 +57,7 @@ CASES = [  # (sizes, extra rows past the groups, K, N)
     ([0, 45, 0], 0, 32, 16),         # one group holds everything, m not a tile multiple
     ([16, 16, 0, 0], 0, 16, 48),     # group sizes exact tile multiples
     ([0, 0, 0], 7, 16, 16),          # no rows in any group: all zeros
+    ([130, 0, 300, 70], 20, 16, 16),  # many 128-row tiles, groups straddling them
 ]
 
 
