@@ -18,7 +18,8 @@ forward+backward (the VJP for a fixed random cotangent, with respect to lhs and 
 as one dense matmul); each contender takes turns with its own dense run. Shapes: the
 gate|up matmul of one MoE layer for a training step of the `tiny` and `small` presets,
 and Mixtral-like (8 experts, top-2, d_expert = 3.5 d) and DeepSeek-like (64+ fine-grained
-experts, top-8, d_expert = d / 4) shapes, scaled down on CPU and full size with `--full`. Skewed sizes follow a Zipf law with some empty groups.
+experts, top-8, d_expert = d / 4) shapes, scaled down on CPU and full size with `--full`.
+Skewed sizes follow a Zipf law with some empty groups.
 
 Attention rows time `flash_attention` (default impl) against `jax.nn.dot_product_attention`
 (XLA) and, on NVIDIA GPUs, its cuDNN implementation, causal, forward and forward+backward.
