@@ -71,16 +71,18 @@ def group_sizes(m: int, g: int, skew: str, seed: int = 0) -> np.ndarray:
 
 
 def _fwd_bwd(f, a, b):
-    """Jitted forward plus the backward for a fixed random cotangent (as in training; the
-    cotangent of a plain sum is constant, which XLA could fold into cheaper reductions)."""
+    """`() -> forward and backward of f(a, b)` for a fixed random cotangent, as in training
+    (the cotangent of a plain sum is constant, which XLA could fold into cheaper ops).
+    Everything is an argument of the jitted function, so nothing is constant-folded."""
     out = jax.eval_shape(f, a, b)
     ct = jax.random.normal(jax.random.key(7), out.shape, out.dtype)
 
-    def fb(a, b):
+    def fb(a, b, ct):
         y, vjp = jax.vjp(f, a, b)
         return y, vjp(ct)
 
-    return jax.jit(fb)
+    fb = jax.jit(fb)
+    return lambda: fb(a, b, ct)
 
 
 def gmm_calls(name, skew, dtype):
@@ -99,8 +101,7 @@ def gmm_calls(name, skew, dtype):
     for row, (f, w) in fns.items():
         fwd = jax.jit(f)
         calls[f"{row} fwd"] = lambda fwd=fwd, w=w: fwd(x, w)
-        fb = _fwd_bwd(f, x, w)
-        calls[f"{row} fwd+bwd"] = lambda fb=fb, w=w: fb(x, w)
+        calls[f"{row} fwd+bwd"] = _fwd_bwd(f, x, w)
     flop_fwd = 2 * m * d * n
     return calls, dict(shape=name, skew=skew, M=m, K=d, N=n, G=e, impl=impl, gflop_fwd=flop_fwd / 1e9)
 
@@ -112,18 +113,17 @@ def attention_calls(name, dtype):
     k = jax.random.normal(kk, (b, t, kv, d), dtype)
     v = jax.random.normal(kv_, (b, t, kv, d), dtype)
     impl = default_attention_impl()
-    fns = {f"flash/{impl}": lambda q, k: flash_attention(q, k, v, causal=True),
-           "dot_product_attention/xla": lambda q, k: jax.nn.dot_product_attention(
-               q, k, v, is_causal=True, implementation="xla")}
+    fns = {f"flash/{impl}": lambda q, kv: flash_attention(q, *kv, causal=True),
+           "dot_product_attention/xla": lambda q, kv: jax.nn.dot_product_attention(
+               q, *kv, is_causal=True, implementation="xla")}
     if jax.default_backend() == "gpu" and dtype != jnp.float32:
-        fns["dot_product_attention/cudnn"] = lambda q, k: jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, implementation="cudnn")
+        fns["dot_product_attention/cudnn"] = lambda q, kv: jax.nn.dot_product_attention(
+            q, *kv, is_causal=True, implementation="cudnn")
     calls = {}
     for row, f in fns.items():
         fwd = jax.jit(f)
-        calls[f"{row} fwd"] = lambda fwd=fwd: fwd(q, k)
-        fb = _fwd_bwd(f, q, k)
-        calls[f"{row} fwd+bwd"] = lambda fb=fb: fb(q, k)
+        calls[f"{row} fwd"] = lambda fwd=fwd: fwd(q, (k, v))
+        calls[f"{row} fwd+bwd"] = _fwd_bwd(f, q, (k, v))
     flop_fwd = 4 * b * h * t * t * d / 2  # QK^T and PV, causal half
     return calls, dict(shape=name, B=b, T=t, H=h, KV=kv, D=d, impl=impl, gflop_fwd=flop_fwd / 1e9)
 

@@ -138,34 +138,54 @@ def _check_shapes(lhs, rhs, group_sizes, transpose_rhs, local):
                          f"{' (transpose_rhs)' if transpose_rhs else ''}")
 
 
+def _batched_gmm(impl, lhs_bmk, rhs, sizes_bg, group_offset, **kw):
+    """`[B, M, K]` problems sharing `rhs`: natively for "xla", by `vmap` for the kernels
+    (a batched `pallas_call` gains a grid dimension)."""
+    if impl == "xla":
+        return xla.gmm(lhs_bmk, rhs, sizes_bg, group_offset, **kw)
+    one = lambda x, gs: _BACKENDS[impl].gmm(x, rhs, gs, group_offset, **kw)
+    return jax.vmap(one)(lhs_bmk, sizes_bg)
+
+
+def _batched_tgmm(impl, x_bmk, g_bmn, sizes_bg, group_offset, *, out_dtype, **kw):
+    """`sum_b tgmm(x[b], g[b])`: the weight gradient of problems sharing `rhs`."""
+    if impl == "xla":
+        return xla.tgmm(x_bmk, g_bmn, sizes_bg, group_offset, out_dtype=out_dtype, **kw)
+    if x_bmk.shape[0] == 1:
+        return _BACKENDS[impl].tgmm(x_bmk[0], g_bmn[0], sizes_bg[0], group_offset,
+                                    out_dtype=out_dtype, **kw)
+    one = lambda x, g, gs: _BACKENDS[impl].tgmm(x, g, gs, group_offset, out_dtype=jnp.float32, **kw)
+    return jnp.sum(jax.vmap(one)(x_bmk, g_bmn, sizes_bg), axis=0).astype(out_dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _gmm(lhs, rhs, group_sizes, group_offset, impl, transpose_rhs, block_sizes, out_dtype,
+def _gmm(lhs_bmk, rhs, sizes_bg, group_offset, impl, transpose_rhs, block_sizes, out_dtype,
          interpret):
-    return _BACKENDS[impl].gmm(lhs, rhs, group_sizes, group_offset, transpose_rhs=transpose_rhs,
-                               block_sizes=block_sizes, out_dtype=out_dtype, interpret=interpret)
+    return _batched_gmm(impl, lhs_bmk, rhs, sizes_bg, group_offset, transpose_rhs=transpose_rhs,
+                        block_sizes=block_sizes, out_dtype=out_dtype, interpret=interpret)
 
 
-def _gmm_fwd(lhs, rhs, group_sizes, group_offset, impl, transpose_rhs, block_sizes, out_dtype,
+def _gmm_fwd(lhs_bmk, rhs, sizes_bg, group_offset, impl, transpose_rhs, block_sizes, out_dtype,
              interpret):
-    out = _gmm(lhs, rhs, group_sizes, group_offset, impl, transpose_rhs, block_sizes, out_dtype,
+    out = _gmm(lhs_bmk, rhs, sizes_bg, group_offset, impl, transpose_rhs, block_sizes, out_dtype,
                interpret)
-    return out, (lhs, rhs, group_sizes, group_offset)
+    return out, (lhs_bmk, rhs, sizes_bg, group_offset)
 
 
-def _gmm_bwd(impl, transpose_rhs, block_sizes, out_dtype, interpret, res, grad_mn):
-    lhs, rhs, group_sizes, group_offset = res
-    backend = _BACKENDS[impl]
-    grad_mn = grad_mn.astype(lhs.dtype)
-    m, k = lhs.shape
-    n = grad_mn.shape[1]
-    dlhs = backend.gmm(grad_mn, rhs, group_sizes, group_offset, transpose_rhs=not transpose_rhs,
-                       block_sizes=_block_sizes(impl, block_sizes, m, n, k),
-                       out_dtype=lhs.dtype, interpret=interpret)
-    a_mk, b_mn = (grad_mn, lhs) if transpose_rhs else (lhs, grad_mn)
-    drhs = backend.tgmm(a_mk, b_mn, group_sizes, group_offset, num_groups=rhs.shape[0],
-                        block_sizes=_block_sizes(impl, block_sizes, m, a_mk.shape[1],
-                                                 b_mn.shape[1]),
-                        out_dtype=rhs.dtype, interpret=interpret)
+def _gmm_bwd(impl, transpose_rhs, block_sizes, out_dtype, interpret, res, grad_bmn):
+    lhs_bmk, rhs, sizes_bg, group_offset = res
+    grad_bmn = grad_bmn.astype(lhs_bmk.dtype)
+    _, m, k = lhs_bmk.shape
+    n = grad_bmn.shape[-1]
+    dlhs = _batched_gmm(impl, grad_bmn, rhs, sizes_bg, group_offset,
+                        transpose_rhs=not transpose_rhs,
+                        block_sizes=_block_sizes(impl, block_sizes, m, n, k),
+                        out_dtype=lhs_bmk.dtype, interpret=interpret)
+    a_bmk, b_bmn = (grad_bmn, lhs_bmk) if transpose_rhs else (lhs_bmk, grad_bmn)
+    drhs = _batched_tgmm(impl, a_bmk, b_bmn, sizes_bg, group_offset, num_groups=rhs.shape[0],
+                         block_sizes=_block_sizes(impl, block_sizes, m, a_bmk.shape[-1],
+                                                  b_bmn.shape[-1]),
+                         out_dtype=rhs.dtype, interpret=interpret)
     return dlhs, drhs, None, None
 
 
@@ -216,12 +236,17 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, group_offset=None, impl=N
         fn = lambda x, gs: reference.gmm_reference(x, rhs, gs, transpose_rhs=transpose_rhs,
                                                    group_offset=offset,
                                                    preferred_element_type=out_dtype)
-    else:
+    elif lhs.shape[-2] == 0:  # no rows: nothing to multiply
+        n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+        return jnp.zeros((*lhs.shape[:-1], n), out_dtype)
+    else:  # the kernels: batch dims flattened into one [B, M, K] call
         offset = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32)
         k, n = (rhs.shape[2], rhs.shape[1]) if transpose_rhs else rhs.shape[1:]
         bs = _block_sizes(impl, block_sizes, lhs.shape[-2], k, n)
-        interp = _interpret(interpret, impl)
-        fn = lambda x, gs: _gmm(x, rhs, gs, offset, impl, transpose_rhs, bs, out_dtype, interp)
+        out = _gmm(lhs.reshape(-1, *lhs.shape[-2:]), rhs,
+                   group_sizes.reshape(-1, group_sizes.shape[-1]), offset, impl, transpose_rhs,
+                   bs, out_dtype, _interpret(interpret, impl))
+        return out.reshape(*lhs.shape[:-1], n)
     for _ in batch:
         fn = jax.vmap(fn)
     return fn(lhs, group_sizes)
@@ -259,6 +284,6 @@ def tgmm(lhs_km, grad_mn, group_sizes, *, num_groups=None, group_offset=None, im
     if impl == "ragged_dot":
         return ragged.tgmm(lhs_km, grad_mn, group_sizes, offset, num, out_dtype)
     (k, m), n = lhs_km.shape, grad_mn.shape[1]
-    return _BACKENDS[impl].tgmm(lhs_km.T, grad_mn, group_sizes, offset, num_groups=num,
-                                block_sizes=_block_sizes(impl, block_sizes, m, k, n),
-                                out_dtype=out_dtype, interpret=_interpret(interpret, impl))
+    return _batched_tgmm(impl, lhs_km.T[None], grad_mn[None], group_sizes[None], offset,
+                         num_groups=num, block_sizes=_block_sizes(impl, block_sizes, m, k, n),
+                         out_dtype=out_dtype, interpret=_interpret(interpret, impl))

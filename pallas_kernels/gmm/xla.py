@@ -19,8 +19,8 @@ accumulating `x[rows].T @ grad[rows]` per group. Both loops have traced trip cou
 they are written for the forward program only: `ops.py` differentiates through its own
 custom VJP, which calls these two functions again.
 
-    out_mn = gmm(x_mk, w_gkn, sizes_g, 0, transpose_rhs=False, block_sizes=None,
-                 out_dtype=jnp.float32)
+    out_bmn = gmm(x_bmk, w_gkn, sizes_bg, 0, transpose_rhs=False, block_sizes=None,
+                  out_dtype=jnp.float32)          # B problems sharing w, one loop
 """
 
 import jax
@@ -43,12 +43,14 @@ def _windows(num_rows, tm):
     return tm, max(1, min(max(8, tm // 2), num_rows))
 
 
-def _group_bounds(group_sizes_g, group_offset, num_local):
-    sizes_g = group_sizes_g.astype(jnp.int32)
-    ends_g = jnp.cumsum(sizes_g)
-    starts_l = jax.lax.dynamic_slice_in_dim(ends_g - sizes_g, group_offset, num_local)
-    ends_l = jax.lax.dynamic_slice_in_dim(ends_g, group_offset, num_local)
-    return starts_l, ends_l
+def _group_bounds(sizes_bg, group_offset, num_local, rows_per_problem):
+    """Rows `[start, end)` of local group l of problem b in the flattened `[B * M]` rows,
+    as `[B * num_local]` arrays ordered (b, l)."""
+    sizes_bg = sizes_bg.astype(jnp.int32)
+    ends_bg = jnp.cumsum(sizes_bg, axis=-1)
+    base_b1 = (jnp.arange(sizes_bg.shape[0], dtype=jnp.int32) * rows_per_problem)[:, None]
+    local = lambda a: jax.lax.dynamic_slice_in_dim(a, group_offset, num_local, axis=1)
+    return (local(ends_bg - sizes_bg) + base_b1).reshape(-1), (local(ends_bg) + base_b1).reshape(-1)
 
 
 def _walk(start, end, tm, tail, num_rows, full_fn, tail_fn, carry):
@@ -67,79 +69,91 @@ def _walk(start, end, tm, tail, num_rows, full_fn, tail_fn, carry):
     return jax.lax.fori_loop(0, num_tail, tail_step, carry)
 
 
-def gmm(lhs_mk, rhs, group_sizes_g, group_offset, *, transpose_rhs, block_sizes, out_dtype,
+def gmm(lhs_bmk, rhs, sizes_bg, group_offset, *, transpose_rhs, block_sizes, out_dtype,
         interpret=False):
-    """`out[m] = lhs[m] @ rhs[group(m) - offset]`; rows of other groups are zeros."""
+    """`out[b, m] = lhs[b, m] @ rhs[group(b, m) - offset]`; rows of other groups are zeros.
+
+    Takes B problems at once (`[B, M, K]` with sizes `[B, G]`, sharing `rhs`): their rows
+    are walked as one list of `B * G_local` groups, so batching adds no work per group
+    (a `vmap` of the loops would turn every step into a select over all problems).
+    """
     del interpret
-    num_rows, num_local = lhs_mk.shape[0], rhs.shape[0]
+    b, m, _ = lhs_bmk.shape
+    num_local = rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    out_dtype = out_dtype or lhs_mk.dtype
-    if num_rows == 0:
-        return jnp.zeros((0, n), out_dtype)
-    tm = block_sizes.tm if block_sizes else default_tile_rows(num_rows, num_local)
+    out_dtype = out_dtype or lhs_bmk.dtype
+    if m == 0:
+        return jnp.zeros((b, 0, n), out_dtype)
+    x_rk = lhs_bmk.reshape(b * m, -1)
+    num_rows = b * m
+    tm = block_sizes.tm if block_sizes else default_tile_rows(m, num_local)
     tm, tail = _windows(num_rows, tm)
-    starts_l, ends_l = _group_bounds(group_sizes_g, group_offset, num_local)
+    starts, ends = _group_bounds(sizes_bg, group_offset, num_local, m)
     dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
 
-    def group(g, out_mn):
-        w = rhs[g]
-        end = ends_l[g]
+    def group(i, out_rn):
+        w = rhs[i % num_local]
+        end = ends[i]
 
-        def mul(x_rk):
-            return jax.lax.dot_general(x_rk, w, dims, preferred_element_type=jnp.float32)
+        def mul(x):
+            return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
 
-        def full(lo, out_mn):
-            y = mul(jax.lax.dynamic_slice_in_dim(lhs_mk, lo, tm))
-            return jax.lax.dynamic_update_slice_in_dim(out_mn, y.astype(out_dtype), lo, 0)
+        def full(lo, out_rn):
+            y = mul(jax.lax.dynamic_slice_in_dim(x_rk, lo, tm))
+            return jax.lax.dynamic_update_slice_in_dim(out_rn, y.astype(out_dtype), lo, 0)
 
-        def part(lo, st, out_mn):
-            y = mul(jax.lax.dynamic_slice_in_dim(lhs_mk, st, tail))
+        def part(lo, st, out_rn):
+            y = mul(jax.lax.dynamic_slice_in_dim(x_rk, st, tail))
             rows = st + jnp.arange(tail)
             mine = ((rows >= lo) & (rows < end))[:, None]
-            old = jax.lax.dynamic_slice_in_dim(out_mn, st, tail)
+            old = jax.lax.dynamic_slice_in_dim(out_rn, st, tail)
             return jax.lax.dynamic_update_slice_in_dim(
-                out_mn, jnp.where(mine, y.astype(out_dtype), old), st, 0)
+                out_rn, jnp.where(mine, y.astype(out_dtype), old), st, 0)
 
-        return _walk(starts_l[g], end, tm, tail, num_rows, full, part, out_mn)
+        return _walk(starts[i], end, tm, tail, num_rows, full, part, out_rn)
 
-    return jax.lax.fori_loop(0, num_local, group, jnp.zeros((num_rows, n), out_dtype))
+    out = jax.lax.fori_loop(0, b * num_local, group, jnp.zeros((num_rows, n), out_dtype))
+    return out.reshape(b, m, n)
 
 
-def tgmm(x_mk, grad_mn, group_sizes_g, group_offset, *, num_groups, block_sizes, out_dtype,
+def tgmm(x_bmk, grad_bmn, sizes_bg, group_offset, *, num_groups, block_sizes, out_dtype,
          interpret=False):
-    """`out[l] = x[rows of group offset + l].T @ grad[those rows]`: `[num_groups, K, N]`."""
+    """`out[l] = sum_b x[b, rows of group offset + l].T @ grad[b, those rows]`: `[L, K, N]`."""
     del interpret
-    num_rows, k = x_mk.shape
-    n = grad_mn.shape[1]
-    out_dtype = out_dtype or x_mk.dtype
-    if num_rows == 0:
+    b, m, k = x_bmk.shape
+    n = grad_bmn.shape[-1]
+    out_dtype = out_dtype or x_bmk.dtype
+    if m == 0:
         return jnp.zeros((num_groups, k, n), out_dtype)
-    tm = block_sizes.tm if block_sizes else default_tile_rows(num_rows, num_groups)
+    x_rk, g_rn = x_bmk.reshape(b * m, k), grad_bmn.reshape(b * m, n)
+    num_rows = b * m
+    tm = block_sizes.tm if block_sizes else default_tile_rows(m, num_groups)
     tm, tail = _windows(num_rows, tm)
-    starts_l, ends_l = _group_bounds(group_sizes_g, group_offset, num_groups)
+    starts, ends = _group_bounds(sizes_bg, group_offset, num_groups, m)
     contract_rows = (((0,), (0,)), ((), ()))
 
-    def group(g, out_lkn):
-        start, end = starts_l[g], ends_l[g]
+    def xtg(x, g):
+        return jax.lax.dot_general(x, g, contract_rows, preferred_element_type=jnp.float32)
+
+    def group(i, out_lkn):
+        end = ends[i]
 
         def full(lo, acc_kn):
-            x = jax.lax.dynamic_slice_in_dim(x_mk, lo, tm)
-            g = jax.lax.dynamic_slice_in_dim(grad_mn, lo, tm)
-            return acc_kn + jax.lax.dot_general(x, g, contract_rows,
-                                                preferred_element_type=jnp.float32)
+            return acc_kn + xtg(jax.lax.dynamic_slice_in_dim(x_rk, lo, tm),
+                                jax.lax.dynamic_slice_in_dim(g_rn, lo, tm))
 
         def part(lo, st, acc_kn):
             rows = st + jnp.arange(tail)
             mine = ((rows >= lo) & (rows < end))[:, None]
-            x = jnp.where(mine, jax.lax.dynamic_slice_in_dim(x_mk, st, tail), 0)
-            g = jnp.where(mine, jax.lax.dynamic_slice_in_dim(grad_mn, st, tail), 0)
-            return acc_kn + jax.lax.dot_general(x, g, contract_rows,
-                                                preferred_element_type=jnp.float32)
+            x = jnp.where(mine, jax.lax.dynamic_slice_in_dim(x_rk, st, tail), 0)
+            g = jnp.where(mine, jax.lax.dynamic_slice_in_dim(g_rn, st, tail), 0)
+            return acc_kn + xtg(x, g)
 
-        acc_kn = _walk(start, end, tm, tail, num_rows, full, part, jnp.zeros((k, n), jnp.float32))
-        return jax.lax.dynamic_update_index_in_dim(out_lkn, acc_kn.astype(out_dtype), g, 0)
+        acc_kn = _walk(starts[i], end, tm, tail, num_rows, full, part, jnp.zeros((k, n), jnp.float32))
+        return out_lkn.at[i % num_groups].add(acc_kn)
 
-    return jax.lax.fori_loop(0, num_groups, group, jnp.zeros((num_groups, k, n), out_dtype))
+    out = jax.lax.fori_loop(0, b * num_groups, group, jnp.zeros((num_groups, k, n), jnp.float32))
+    return out.astype(out_dtype)
 
 
 def padded_gmm(lhs_gck, rhs_gkn, group_sizes_g, *, preferred_element_type=None):

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels import GMM_IMPLS, GmmBlockSizes, gmm, tgmm
+from pallas_kernels.gmm.metadata import make_work_list, num_items
 from pallas_kernels.gmm.reference import gmm_reference, group_ids
 
 
@@ -150,3 +151,37 @@ def test_group_offset_shape_errors():
         gmm(x, w[:2], gs)
     with pytest.raises(ValueError, match="group_offset applies to the ragged layout"):
         gmm(jnp.ones((3, 2, 8)), w, gs, group_offset=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, 20), min_size=1, max_size=6), st.integers(0, 9),
+       st.sampled_from([1, 4, 8]), st.data(), st.booleans(), st.booleans())
+def test_work_list_covers_every_row_once(sizes, extra, tm, data, visit_empty, cover_all):
+    m = sum(sizes) + extra
+    if m == 0:
+        return
+    offset = data.draw(st.integers(0, len(sizes) - 1))
+    num_local = data.draw(st.integers(1, len(sizes) - offset))
+    w = make_work_list(jnp.asarray(sizes), num_rows=m, tm=tm, group_offset=offset,
+                       num_local=num_local, visit_empty_groups=visit_empty,
+                       cover_all_rows=cover_all)
+    n = int(w.num_work[0])
+    assert w.group.shape == (num_items(m, tm, num_local, visit_empty),) and 1 <= n <= len(w.group)
+    covered = np.zeros(m, int)
+    gid = np.asarray(group_ids(jnp.asarray(sizes), m)) - offset
+    gid = np.where((gid >= 0) & (gid < num_local), gid, -9)
+    for i in range(n):
+        rows = np.arange(w.tile[i] * tm, w.tile[i] * tm + tm)
+        rows = rows[(rows >= w.row_start[i]) & (rows < w.row_end[i]) & (rows < m)]
+        covered[rows] += 1
+        g = int(w.group[i])
+        if 0 <= g < num_local:
+            assert np.all(gid[rows] == g)
+        else:
+            assert cover_all and np.all(gid[rows] == -9)
+    # gmm covers every row once; tgmm's list (cover_all=False) only the local groups' rows
+    assert np.all(covered == np.where(cover_all | (gid >= 0), 1, 0))
+    assert np.all(np.diff(np.asarray(w.tile[:n])) >= 0)  # tiles in order: blocks stay resident
+    assert np.all(np.asarray(w.tile[n:]) == int(w.tile[n - 1]))  # padding repeats the last item
+    if visit_empty:  # tgmm: every local group has an item, so its gradient block is written
+        assert set(range(num_local)) <= set(np.asarray(w.group[:n]).tolist())
