@@ -10,11 +10,13 @@ group's own matrix, each window one ordinary (multi-threaded) matmul written in 
     for g in groups:                                  # fori_loop, w[g] read once
         for each full window of tm rows in g:         # fori_loop, traced trip count
             out[rows] = x[rows] @ w[g]
-        for each window of tm/2 rows in g's tail:      # the last < tm rows
+        one window of tm/8, tm/4, tm/2 or tm rows,     # the last < tm rows: the
+            the smallest that holds g's tail:         # smallest that holds them
             out[rows] = where(row in g, x[rows] @ w[g], out[rows])
 
-Work is exact up to the tail windows (under `tm / 2` wasted rows per group), empty
-groups cost nothing, and nothing is padded or gathered. `tgmm` walks the same windows,
+Work is exact up to the tail windows (under half the tail's size or `tm / 8` rows wasted
+per group), empty groups cost nothing, and nothing is padded or gathered; on CPU every
+matmul call has a fixed cost, so one tail window beats several small ones. `tgmm` walks the same windows,
 accumulating `x[rows].T @ grad[rows]` per group. Both loops have traced trip counts, so
 they are written for the forward program only: `ops.py` differentiates through its own
 custom VJP, which calls these two functions again.
@@ -38,9 +40,11 @@ def default_tile_rows(num_rows: int, num_groups: int) -> int:
 
 
 def _windows(num_rows, tm):
-    """(full window rows, tail window rows), both at most `num_rows`."""
+    """(full window rows, tail window sizes): `tm` and its multiples of `tm / 8` (at least
+    8 rows), all <= `num_rows`."""
     tm = max(1, min(tm, num_rows))
-    return tm, max(1, min(max(8, tm // 2), num_rows))
+    step = max(8, tm // 8)
+    return tm, tuple(sorted({min(tm, step * j) for j in range(1, 9)}))
 
 
 def _group_bounds(sizes_bg, group_offset, num_local, rows_per_problem):
@@ -53,20 +57,26 @@ def _group_bounds(sizes_bg, group_offset, num_local, rows_per_problem):
     return (local(ends_bg - sizes_bg) + base_b1).reshape(-1), (local(ends_bg) + base_b1).reshape(-1)
 
 
-def _walk(start, end, tm, tail, num_rows, full_fn, tail_fn, carry):
-    """Run `full_fn(lo, carry)` on full windows of `[start, end)`, then `tail_fn(lo, st,
-    carry)` on tail windows (`lo`: first row of the window; `st`: where a window that
-    would run past the last row is moved back to)."""
+def _full_windows(start, end, tm, full_fn, carry):
+    """`carry = full_fn(lo, carry)` for each full window of rows `[start, end)`; returns
+    the carry and the first row left over."""
     num_full = (end - start) // tm
     carry = jax.lax.fori_loop(0, num_full, lambda c, a: full_fn(start + c * tm, a), carry)
-    tail_start = start + num_full * tm
-    num_tail = (end - tail_start + tail - 1) // tail
+    return carry, start + num_full * tm
 
-    def tail_step(c, a):
-        lo = tail_start + c * tail
-        return tail_fn(lo, jnp.minimum(lo, num_rows - tail), a)
 
-    return jax.lax.fori_loop(0, num_tail, tail_step, carry)
+def _tail(lo, end, tails, num_rows, tail_fn, zero):
+    """`tail_fn(st, size)` for the smallest window `size` in `tails` holding rows
+    `[lo, end)`, starting at `st = min(lo, num_rows - size)`; `zero` when there are none.
+
+    Only the small result passes through the `switch` (a large carry would be copied
+    into its branches).
+    """
+    rest = end - lo
+    branches = [lambda: zero] + [
+        lambda size=size: tail_fn(jnp.minimum(lo, num_rows - size), size) for size in tails]
+    which = sum((rest > size).astype(jnp.int32) for size in tails[:-1]) + 1
+    return jax.lax.switch(jnp.where(rest > 0, which, 0), branches)
 
 
 def gmm(lhs_bmk, rhs, sizes_bg, group_offset, *, transpose_rhs, block_sizes, out_dtype,
@@ -87,7 +97,7 @@ def gmm(lhs_bmk, rhs, sizes_bg, group_offset, *, transpose_rhs, block_sizes, out
     x_rk = lhs_bmk.reshape(b * m, -1)
     num_rows = b * m
     tm = block_sizes.tm if block_sizes else default_tile_rows(m, num_local)
-    tm, tail = _windows(num_rows, tm)
+    tm, tails = _windows(num_rows, tm)
     starts, ends = _group_bounds(sizes_bg, group_offset, num_local, m)
     dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
 
@@ -102,15 +112,18 @@ def gmm(lhs_bmk, rhs, sizes_bg, group_offset, *, transpose_rhs, block_sizes, out
             y = mul(jax.lax.dynamic_slice_in_dim(x_rk, lo, tm))
             return jax.lax.dynamic_update_slice_in_dim(out_rn, y.astype(out_dtype), lo, 0)
 
-        def part(lo, st, out_rn):
-            y = mul(jax.lax.dynamic_slice_in_dim(x_rk, st, tail))
-            rows = st + jnp.arange(tail)
-            mine = ((rows >= lo) & (rows < end))[:, None]
-            old = jax.lax.dynamic_slice_in_dim(out_rn, st, tail)
-            return jax.lax.dynamic_update_slice_in_dim(
-                out_rn, jnp.where(mine, y.astype(out_dtype), old), st, 0)
+        out_rn, lo = _full_windows(starts[i], end, tm, full, out_rn)
+        st = jnp.minimum(lo, num_rows - tm)  # the tm-row window holding the tail
 
-        return _walk(starts[i], end, tm, tail, num_rows, full, part, out_rn)
+        def tail(a, size):  # the tail's product, placed in the tm-row window at st
+            y = mul(jax.lax.dynamic_slice_in_dim(x_rk, a, size)).astype(out_dtype)
+            return jax.lax.dynamic_update_slice_in_dim(jnp.zeros((tm, n), out_dtype), y, a - st, 0)
+
+        y_tn = _tail(lo, end, tails, num_rows, tail, jnp.zeros((tm, n), out_dtype))
+        rows = st + jnp.arange(tm)
+        mine = ((rows >= lo) & (rows < end))[:, None]
+        old = jax.lax.dynamic_slice_in_dim(out_rn, st, tm)
+        return jax.lax.dynamic_update_slice_in_dim(out_rn, jnp.where(mine, y_tn, old), st, 0)
 
     out = jax.lax.fori_loop(0, b * num_local, group, jnp.zeros((num_rows, n), out_dtype))
     return out.reshape(b, m, n)
@@ -128,7 +141,7 @@ def tgmm(x_bmk, grad_bmn, sizes_bg, group_offset, *, num_groups, block_sizes, ou
     x_rk, g_rn = x_bmk.reshape(b * m, k), grad_bmn.reshape(b * m, n)
     num_rows = b * m
     tm = block_sizes.tm if block_sizes else default_tile_rows(m, num_groups)
-    tm, tail = _windows(num_rows, tm)
+    tm, tails = _windows(num_rows, tm)
     starts, ends = _group_bounds(sizes_bg, group_offset, num_groups, m)
     contract_rows = (((0,), (0,)), ((), ()))
 
@@ -142,14 +155,16 @@ def tgmm(x_bmk, grad_bmn, sizes_bg, group_offset, *, num_groups, block_sizes, ou
             return acc_kn + xtg(jax.lax.dynamic_slice_in_dim(x_rk, lo, tm),
                                 jax.lax.dynamic_slice_in_dim(g_rn, lo, tm))
 
-        def part(lo, st, acc_kn):
-            rows = st + jnp.arange(tail)
-            mine = ((rows >= lo) & (rows < end))[:, None]
-            x = jnp.where(mine, jax.lax.dynamic_slice_in_dim(x_rk, st, tail), 0)
-            g = jnp.where(mine, jax.lax.dynamic_slice_in_dim(g_rn, st, tail), 0)
-            return acc_kn + xtg(x, g)
+        acc_kn, lo = _full_windows(starts[i], end, tm, full, jnp.zeros((k, n), jnp.float32))
 
-        acc_kn = _walk(starts[i], end, tm, tail, num_rows, full, part, jnp.zeros((k, n), jnp.float32))
+        def tail(a, size):
+            rows = a + jnp.arange(size)
+            mine = ((rows >= lo) & (rows < end))[:, None]
+            x = jnp.where(mine, jax.lax.dynamic_slice_in_dim(x_rk, a, size), 0)
+            g = jnp.where(mine, jax.lax.dynamic_slice_in_dim(g_rn, a, size), 0)
+            return xtg(x, g)
+
+        acc_kn = acc_kn + _tail(lo, end, tails, num_rows, tail, jnp.zeros((k, n), jnp.float32))
         return out_lkn.at[i % num_groups].add(acc_kn)
 
     out = jax.lax.fori_loop(0, b * num_groups, group, jnp.zeros((num_groups, k, n), jnp.float32))
