@@ -10,13 +10,13 @@ group's own matrix, each window one ordinary (multi-threaded) matmul written in 
     for g in groups:                                  # fori_loop, w[g] read once
         for each full window of tm rows in g:         # fori_loop, traced trip count
             out[rows] = x[rows] @ w[g]
-        one window of tm/8, tm/4, tm/2 or tm rows,     # the last < tm rows: the
-            the smallest that holds g's tail:         # smallest that holds them
+        for the last < tm rows, one window sized to   # switch over the multiples
+            the next multiple of tm/8:                # of tm/8
             out[rows] = where(row in g, x[rows] @ w[g], out[rows])
 
-Work is exact up to the tail windows (under half the tail's size or `tm / 8` rows wasted
-per group), empty groups cost nothing, and nothing is padded or gathered; on CPU every
-matmul call has a fixed cost, so one tail window beats several small ones. `tgmm` walks the same windows,
+Work is exact up to the tail windows (under `tm / 8` rows wasted per group), empty
+groups cost nothing, and nothing is padded or gathered; on CPU every matmul call has a
+fixed cost, so one tail window beats several small ones. `tgmm` walks the same windows,
 accumulating `x[rows].T @ grad[rows]` per group. Both loops have traced trip counts, so
 they are written for the forward program only: `ops.py` differentiates through its own
 custom VJP, which calls these two functions again.
