@@ -109,3 +109,15 @@ def test_unknown_preset():
 def test_mesh_fill_axis():
     cfg = dataclasses.replace(tiny(), parallel=dataclasses.replace(tiny().parallel, fsdp=4))
     assert cfg.parallel.axis_sizes(8) == {"data": 2, "fsdp": 4, "tensor": 1, "expert": 1}
+
+
+def test_saved_configs_from_before_a_key_moved_still_load():
+    old = tiny().to_dict()
+    old["moe"]["gmm_impl"] = "ragged_dot"  # where the gmm backend lived before `kernels`
+    del old["kernels"]
+    cfg = from_dict(old)
+    assert cfg.kernels.gmm == "ragged_dot" and cfg.moe == tiny().moe
+    bad = tiny().to_dict()
+    bad["moe"]["num_expertz"] = 3
+    with pytest.raises(ConfigError, match=r"unknown keys \['moe.num_expertz'\]"):
+        from_dict(bad)

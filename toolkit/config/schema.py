@@ -197,14 +197,28 @@ class Config:
         return json.dumps(self.to_dict(), indent=2)
 
 
+# Keys that moved between sections; configs saved under the old name still load.
+MOVED_KEYS = {("moe", "gmm_impl"): ("kernels", "gmm")}
+
+
 def from_dict(d: dict) -> Config:
-    """Inverse of `Config.to_dict` (lists become tuples)."""
+    """Inverse of `Config.to_dict` (lists become tuples); also reads configs saved before a
+    key moved (`MOVED_KEYS`). An unknown key raises ConfigError naming it."""
     kinds = {f.name: f.type for f in dataclasses.fields(Config)}
     classes = dict(model=ModelConfig, moe=MoEConfig, parallel=ParallelConfig,
                    train=TrainConfig, data=DataConfig, kernels=KernelConfig)
+    d = {k: dict(v) if k in classes else v for k, v in d.items()}
+    for (sec, key), (new_sec, new_key) in MOVED_KEYS.items():
+        if key in d.get(sec, {}):
+            d.setdefault(new_sec, {}).setdefault(new_key, d[sec].pop(key))
     kw = {}
     for key, value in d.items():
         if key in classes:
+            known = {f.name for f in dataclasses.fields(classes[key])}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ConfigError(f"config has unknown keys {[f'{key}.{k}' for k in unknown]} "
+                                  f"(saved by another version?); known {key} keys: {sorted(known)}")
             value = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
             kw[key] = classes[key](**value)
         elif key in kinds:
