@@ -99,10 +99,7 @@ class MoELayer(nnx.Module):
         routing_g = jax.tree.map(lambda a: a.reshape(g, -1, *a.shape[1:]), routing)
         plan_g = _per_group(self._plan, g, routing_g)
         xs = _per_group(dispatch, g, x_gtd, plan_g)
-        if g == 1:
-            ys = self.experts(xs[0], plan_g.group_sizes[0])[None]
-        else:
-            ys = self.experts(xs, plan_g.group_sizes)
+        ys = self.experts(xs, plan_g.group_sizes)
         y_gtd = _per_group(combine, g, ys, plan_g, routing_g)
         kept_gtk = plan_g.kept
         y_td = y_gtd.reshape(b * s, d)
