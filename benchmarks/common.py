@@ -59,13 +59,3 @@ def time_interleaved(calls: dict, warmup: int, repeats: int) -> dict:
         r.update(median_ms=statistics.median(r["times_ms"]), min_ms=min(r["times_ms"]),
                  max_ms=max(r["times_ms"]))
     return out
-
-
-def _markdown(rows) -> str:
-    head = "| row | dispatch | gmm_impl | median ms | min ms | vs dense | active GFLOP/s | dropped |\n" \
-           "|---|---|---|---:|---:|---:|---:|---:|\n"
-    return head + "".join(
-        f"| {r['row']} | {r['dispatch']} | {r['gmm_impl']} | {r['median_ms']:.2f} | "
-        f"{r['min_ms']:.2f} | {r['ratio_vs_dense']:.2f}x | {r['gflop_per_s']:.1f} | "
-        f"{r['dropped_fraction']:.3f} |\n"
-        for r in rows)
