@@ -114,6 +114,7 @@ def test_mesh_fill_axis():
 def test_saved_configs_from_before_a_key_moved_still_load():
     old = tiny().to_dict()
     old["moe"]["gmm_impl"] = "ragged_dot"  # where the gmm backend lived before `kernels`
+    old["moe"]["router"] = "topk"  # the name topk_softmax had before there were others
     del old["kernels"]
     cfg = from_dict(old)
     assert cfg.kernels.gmm == "ragged_dot" and cfg.moe == tiny().moe

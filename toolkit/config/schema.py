@@ -53,8 +53,17 @@ class MoEConfig:
       num_shared_experts: always-on experts of width d_expert, added to the routed output.
       moe_every: every n-th layer is MoE (layers n-1, 2n-1, ...); 1 makes every layer MoE.
       first_dense_layers: this many leading layers stay dense whatever moe_every says.
-      router: routing rule; "topk" (softmax, top-k).
+      router: routing rule: "topk_softmax" (softmax, top-k; Switch/GShard/Mixtral) or
+        "sigmoid_bias" (sigmoid scores, aux-loss-free bias balancing; DeepSeek-V3/Ling 2.0).
       renormalize: rescale the top-k weights to sum to one.
+      routed_scaling: factor on the routed experts' combine weights ("sigmoid_bias"; 2.5 in
+        Ling 2.0, 2.5 in DeepSeek-V3).
+      router_groups: "sigmoid_bias": split the experts into this many groups and pick experts
+        only from each token's `router_topk_groups` best groups (a group scores the sum of
+        its two best experts); 1 = no grouping.
+      router_topk_groups: groups kept per token when `router_groups` > 1.
+      bias_update_rate: "sigmoid_bias": step u of the aux-loss-free bias update after every
+        training step (1e-3 in DeepSeek-V3 / Ling 2.0); 0 freezes the bias.
       aux_loss_weight: weight of the Switch load-balancing loss E * sum_i f_i P_i.
       z_loss_weight: weight of the router z-loss mean(logsumexp(logits)^2).
       dispatch: "dropless" (sort by expert, grouped matmul) or "capacity" (fixed slots).
@@ -70,8 +79,12 @@ class MoEConfig:
     num_shared_experts: int = 0
     moe_every: int = 1
     first_dense_layers: int = 0
-    router: str = "topk"
+    router: str = "topk_softmax"
     renormalize: bool = True
+    routed_scaling: float = 1.0
+    router_groups: int = 1
+    router_topk_groups: int = 1
+    bias_update_rate: float = 1e-3
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 1e-3
     dispatch: str = "dropless"
@@ -197,8 +210,9 @@ class Config:
         return json.dumps(self.to_dict(), indent=2)
 
 
-# Keys that moved between sections; configs saved under the old name still load.
+# Keys that moved between sections, and values renamed; configs saved before still load.
 MOVED_KEYS = {("moe", "gmm_impl"): ("kernels", "gmm")}
+RENAMED_VALUES = {("moe", "router"): {"topk": "topk_softmax"}}
 
 
 def from_dict(d: dict) -> Config:
@@ -211,6 +225,9 @@ def from_dict(d: dict) -> Config:
     for (sec, key), (new_sec, new_key) in MOVED_KEYS.items():
         if key in d.get(sec, {}):
             d.setdefault(new_sec, {}).setdefault(new_key, d[sec].pop(key))
+    for (sec, key), renames in RENAMED_VALUES.items():
+        if d.get(sec, {}).get(key) in renames:
+            d[sec][key] = renames[d[sec][key]]
     kw = {}
     for key, value in d.items():
         if key in classes:

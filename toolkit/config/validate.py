@@ -12,7 +12,7 @@ from toolkit.config.schema import Config, ConfigError
 
 _DTYPES = ("float32", "bfloat16")
 _DISPATCH = ("dropless", "capacity")
-_ROUTERS = ("topk",)
+_ROUTERS = ("topk_softmax", "sigmoid_bias")
 _CORPORA = ("python_docs", "paths")
 MIN_VOCAB = 259
 
@@ -49,6 +49,30 @@ def _mesh_errors(cfg: Config, num_devices) -> list:
         errors.append(f"parallel mesh ({shape}) has {fixed} devices but {num_devices} are "
                       f"available; make the axes multiply to {num_devices} (e.g. --mesh "
                       f"data={num_devices}) or set one axis to -1")
+    return errors
+
+
+def _router_errors(moe) -> list:
+    errors = []
+    if moe.routed_scaling <= 0:
+        errors.append(f"moe.routed_scaling={moe.routed_scaling} must be > 0; use 1.0 (or 2.5 "
+                      f"as in DeepSeek-V3)")
+    if moe.bias_update_rate < 0:
+        errors.append(f"moe.bias_update_rate={moe.bias_update_rate} must be >= 0; use 1e-3 "
+                      f"(0 freezes the bias)")
+    g, kg = moe.router_groups, moe.router_topk_groups
+    if g < 1 or moe.num_experts % g:
+        errors.append(f"moe.router_groups={g} must divide moe.num_experts={moe.num_experts}; "
+                      f"use one of {[d for d in range(1, moe.num_experts + 1) if moe.num_experts % d == 0]}")
+    elif g > 1 and moe.router != "sigmoid_bias":
+        errors.append(f"moe.router_groups={g} applies to moe.router='sigmoid_bias' only, "
+                      f"got {moe.router!r}; use router_groups=1")
+    elif not 1 <= kg <= g:
+        errors.append(f"moe.router_topk_groups={kg} must be in 1..moe.router_groups={g}")
+    elif moe.top_k > kg * (moe.num_experts // g):
+        errors.append(f"moe.top_k={moe.top_k} exceeds the {kg * (moe.num_experts // g)} experts "
+                      f"in moe.router_topk_groups={kg} groups of {moe.num_experts // g}; "
+                      f"keep more groups")
     return errors
 
 
@@ -115,6 +139,7 @@ def validate(cfg: Config, num_devices: int | None = None, domain_tokens: dict | 
         _positive(errors, "moe.moe_every", moe.moe_every)
         if moe.router not in _ROUTERS:
             errors.append(f"moe.router={moe.router!r} is unknown; use one of {_ROUTERS}")
+        errors += _router_errors(moe)
         if moe.dispatch not in _DISPATCH:
             errors.append(f"moe.dispatch={moe.dispatch!r} is unknown; use one of {_DISPATCH}")
         if moe.dispatch_groups < 0 or (moe.dispatch_groups and t.batch_size % moe.dispatch_groups):

@@ -16,8 +16,17 @@ from toolkit.moe.dispatch import (
 from toolkit.moe.experts import Experts
 from toolkit.moe.layer import MoEAux, MoELayer
 from toolkit.moe.losses import expert_counts, load_balance_loss, router_entropy, z_loss
-from toolkit.moe.router import Routing, TopKRouter
+from toolkit.moe.router import (
+    ROUTERS,
+    RouterBias,
+    Routing,
+    SigmoidBiasRouter,
+    TopKRouter,
+    make_router,
+    update_bias,
+)
 
-__all__ = ["DispatchPlan", "Experts", "MoEAux", "MoELayer", "Routing", "TopKRouter", "capacity",
+__all__ = ["DispatchPlan", "Experts", "MoEAux", "MoELayer", "ROUTERS", "RouterBias", "Routing",
+           "SigmoidBiasRouter", "TopKRouter", "make_router", "update_bias", "capacity",
            "capacity_plan", "combine", "dispatch", "dropless_plan", "dropped_fraction",
            "expert_counts", "load_balance_loss", "router_entropy", "z_loss"]

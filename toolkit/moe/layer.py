@@ -26,7 +26,7 @@ from toolkit.models.layers import SwiGLU
 from toolkit.moe import losses
 from toolkit.moe.dispatch import capacity_plan, combine, dispatch, dropless_plan
 from toolkit.moe.experts import Experts
-from toolkit.moe.router import TopKRouter
+from toolkit.moe.router import make_router
 from toolkit.sharding.rules import constrain, logical_to_spec
 
 
@@ -63,8 +63,7 @@ class MoELayer(nnx.Module):
     def __init__(self, d_model: int, cfg: MoEConfig, *, gmm_impl: str = "", rngs: nnx.Rngs):
         """`gmm_impl`: the experts' grouped-matmul backend (`KernelConfig.gmm`; "" = by platform)."""
         self.cfg = cfg
-        self.router = TopKRouter(d_model, cfg.num_experts, cfg.top_k,
-                                 renormalize=cfg.renormalize, rngs=rngs)
+        self.router = make_router(d_model, cfg, rngs=rngs)
         self.experts = Experts(cfg.num_experts, d_model, cfg.d_expert, gmm_impl=gmm_impl,
                                rngs=rngs)
         self.shared = (SwiGLU(d_model, cfg.num_shared_experts * cfg.d_expert, rngs=rngs)

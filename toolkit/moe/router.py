@@ -1,12 +1,21 @@
 """Routers decide; they never move tokens. Each returns one `Routing` record.
 
-The top-k softmax router (Shazeer et al. 2017; Switch, GShard, Mixtral):
+`topk_softmax` (Shazeer et al. 2017; Switch k=1, GShard k=2, Mixtral):
 
     logits = x W_r                        # [T, E], float32
     probs  = softmax(logits)
     w, ids = top_k(probs, k)              # renormalised to sum to 1 when `renormalize`
 
-    routing = TopKRouter(d_model=128, num_experts=8, top_k=2, rngs=nnx.Rngs(0))(x_td)
+`sigmoid_bias` (DeepSeek-V3, Ling 2.0): independent sigmoid scores, and balance without an
+auxiliary loss. A per-expert bias b is added to the scores *for selection only*; after
+every step `update_bias` raises the bias of under-loaded experts and lowers it for
+over-loaded ones, outside the optimizer (b is a `RouterBias`, not a `Param`):
+
+    s = sigmoid(x W_r);   ids = top_k(s + b, k)      # within the best groups, if grouped
+    w = s[ids] / sum(s[ids]) * routed_scaling
+    b <- b + u * (sign(e) - mean(sign(e))),   e_i = mean load - load_i
+
+    routing = ROUTERS[cfg.router](d_model, cfg, rngs=nnx.Rngs(0))(x_td)
     routing.expert_ids    # int32 [T, k]
 """
 
@@ -36,6 +45,22 @@ class Routing:
     logits: jax.Array
 
 
+class RouterBias(nnx.Variable):
+    """Selection bias of aux-loss-free balancing: changed by `update_bias`, not by gradients."""
+
+
+def update_bias(bias_e, counts_e, rate):
+    """One aux-loss-free step: `b + u (sign(e) - mean sign(e))`, `e = mean load - load`.
+
+    Under-loaded experts (load below the mean) gain `u`, over-loaded ones lose it; the
+    update sums to zero, so the bias never drifts as a whole. `counts_e` are the step's
+    routed assignments per expert.
+    """
+    load_e = counts_e / jnp.maximum(jnp.sum(counts_e), 1.0)
+    sign_e = jnp.sign(jnp.mean(load_e) - load_e)
+    return bias_e + rate * (sign_e - jnp.mean(sign_e))
+
+
 class TopKRouter(nnx.Module):
     """Softmax over experts, keep the k largest, optionally renormalise their weights."""
 
@@ -52,3 +77,60 @@ class TopKRouter(nnx.Module):
             weights_tk = weights_tk / jnp.sum(weights_tk, axis=-1, keepdims=True)
         return Routing(weights=weights_tk, expert_ids=ids_tk.astype(jnp.int32),
                        valid=jnp.ones_like(ids_tk, dtype=bool), probs=probs_te, logits=logits_te)
+
+
+def _group_limited(scores_te, num_groups, topk_groups):
+    """`scores` with experts outside each token's `topk_groups` best groups set to -inf;
+    a group scores the sum of its two best experts (DeepSeek-V3's node-limited routing)."""
+    t, e = scores_te.shape
+    groups_tgs = scores_te.reshape(t, num_groups, e // num_groups)
+    group_score_tg = jnp.sum(jax.lax.top_k(groups_tgs, min(2, e // num_groups))[0], axis=-1)
+    _, best_tk = jax.lax.top_k(group_score_tg, topk_groups)
+    keep_tg = jnp.sum(jax.nn.one_hot(best_tk, num_groups, dtype=bool), axis=1)
+    return jnp.where(keep_tg[:, :, None], groups_tgs, -jnp.inf).reshape(t, e)
+
+
+class SigmoidBiasRouter(nnx.Module):
+    """Sigmoid scores, biased top-k selection, aux-loss-free balancing (see the module doc).
+
+    `probs` in the Routing record are the scores normalised over experts, which is what the
+    (optional) Switch loss and the entropy statistics read.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, *, renormalize: bool = True,
+                 num_groups: int = 1, topk_groups: int = 1, routed_scaling: float = 1.0,
+                 rngs: nnx.Rngs):
+        self.w_de = param(rngs, (d_model, num_experts), ("embed", None))
+        self.bias = RouterBias(jnp.zeros((num_experts,), jnp.float32), logical_axes=(None,))
+        self.top_k, self.renormalize = top_k, renormalize
+        self.num_groups, self.topk_groups = num_groups, topk_groups
+        self.routed_scaling = routed_scaling
+
+    def __call__(self, x_td) -> Routing:
+        logits_te = x_td.astype(jnp.float32) @ self.w_de[...]
+        scores_te = jax.nn.sigmoid(logits_te)
+        select_te = scores_te + jax.lax.stop_gradient(self.bias[...])
+        if self.num_groups > 1:
+            select_te = _group_limited(select_te, self.num_groups, self.topk_groups)
+        _, ids_tk = jax.lax.top_k(select_te, self.top_k)
+        weights_tk = jnp.take_along_axis(scores_te, ids_tk, axis=-1)
+        if self.renormalize:
+            weights_tk = weights_tk / jnp.sum(weights_tk, axis=-1, keepdims=True)
+        probs_te = scores_te / jnp.sum(scores_te, axis=-1, keepdims=True)
+        return Routing(weights=weights_tk * self.routed_scaling, expert_ids=ids_tk.astype(jnp.int32),
+                       valid=jnp.ones_like(ids_tk, dtype=bool), probs=probs_te, logits=logits_te)
+
+
+def make_router(d_model: int, cfg, *, rngs: nnx.Rngs):
+    """The router `cfg.router` names (`cfg` is a MoEConfig)."""
+    if cfg.router == "topk_softmax":
+        return TopKRouter(d_model, cfg.num_experts, cfg.top_k, renormalize=cfg.renormalize,
+                          rngs=rngs)
+    if cfg.router == "sigmoid_bias":
+        return SigmoidBiasRouter(d_model, cfg.num_experts, cfg.top_k, renormalize=cfg.renormalize,
+                                 num_groups=cfg.router_groups, topk_groups=cfg.router_topk_groups,
+                                 routed_scaling=cfg.routed_scaling, rngs=rngs)
+    raise ValueError(f"moe.router={cfg.router!r} is unknown; use one of {ROUTERS}")
+
+
+ROUTERS = ("topk_softmax", "sigmoid_bias")

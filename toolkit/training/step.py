@@ -26,6 +26,7 @@ from flax import nnx
 
 from toolkit.config import Config
 from toolkit.models.transformer import Transformer
+from toolkit.moe.router import update_bias
 from toolkit.sharding.mesh import batch_sharding, state_shardings
 
 
@@ -97,8 +98,19 @@ def _train_step(model, optimizer, batch, cfg):
     grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
     (_, metrics), grads = grad_fn(model, batch, cfg)
     optimizer.update(model, grads)
+    update_router_biases(model, metrics.get("expert_counts"), cfg)
     metrics["grad_norm"] = optax.tree.norm(grads)
     return metrics
+
+
+def update_router_biases(model, expert_counts_le, cfg: Config):
+    """Aux-loss-free balancing, outside the optimizer: each `sigmoid_bias` router's bias
+    takes one `update_bias` step from its layer's expert counts of this batch."""
+    if expert_counts_le is None or cfg.moe.router != "sigmoid_bias" or not cfg.moe.bias_update_rate:
+        return
+    routers = [b.ffn.router for b in model.blocks if b.is_moe]
+    for router, counts_e in zip(routers, expert_counts_le, strict=True):
+        router.bias[...] = update_bias(router.bias[...], counts_e, cfg.moe.bias_update_rate)
 
 
 def make_train_step(cfg: Config, graphdef, mesh, state):

@@ -1,0 +1,90 @@
+"""Routers: each one's defining property, and that it trains through the whole stack."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import micro
+from flax import nnx
+
+from toolkit.config import ConfigError, MoEConfig, apply_overrides, tiny, validate
+from toolkit.moe import RouterBias, SigmoidBiasRouter, make_router, update_bias
+from toolkit.training import Trainer
+
+
+def test_update_bias_raises_underloaded_experts_and_sums_to_zero():
+    bias = update_bias(jnp.zeros(4), jnp.array([10.0, 30.0, 0.0, 40.0]), 0.1)
+    np.testing.assert_allclose(bias, [0.1, -0.1, 0.1, -0.1], atol=1e-7)  # mean load is 20
+    np.testing.assert_allclose(update_bias(jnp.ones(3), jnp.ones(3), 0.5), jnp.ones(3))
+
+
+def test_bias_steers_selection_toward_balance_without_any_loss():
+    """Route fixed tokens with a router skewed toward a few experts; the bias update alone
+    (no gradient, no aux loss) drives the max/mean load toward 1."""
+    router = SigmoidBiasRouter(16, 8, 2, rngs=nnx.Rngs(0))
+    router.w_de[...] = router.w_de[...] + jnp.array([2.0, 1.5, 0, 0, 0, 0, 0, 0]) * 0.3
+    x_td = jax.random.normal(jax.random.key(1), (2048, 16)) + 1.0
+
+    def imbalance():
+        counts = jnp.bincount(router(x_td).expert_ids.reshape(-1), length=8)
+        return float(counts.max() / counts.mean()), counts
+
+    before, counts = imbalance()
+    for _ in range(300):
+        router.bias[...] = update_bias(router.bias[...], counts.astype(jnp.float32), 1e-2)
+        _, counts = imbalance()
+    after, _ = imbalance()
+    assert before > 1.8 and after < 1.25, (before, after)
+    assert abs(float(jnp.sum(router.bias[...]))) < 1e-4  # updates are mean-zero
+
+
+def test_group_limited_routing_picks_inside_the_best_groups():
+    router = SigmoidBiasRouter(8, 8, 2, num_groups=4, topk_groups=1, rngs=nnx.Rngs(0))
+    x_td = jax.random.normal(jax.random.key(2), (64, 8))
+    ids = np.asarray(router(x_td).expert_ids)
+    assert np.all(ids[:, 0] // 2 == ids[:, 1] // 2)  # one group of two experts per token
+    scores = np.asarray(jax.nn.sigmoid(x_td @ router.w_de[...]))
+    group_score = scores.reshape(64, 4, 2).sum(-1)  # top-2 of a 2-expert group is the sum
+    np.testing.assert_array_equal(ids[:, 0] // 2, group_score.argmax(-1))
+
+
+def test_sigmoid_weights_renormalise_and_scale():
+    cfg = MoEConfig(num_experts=8, top_k=3, router="sigmoid_bias", routed_scaling=2.5)
+    r = make_router(16, cfg, rngs=nnx.Rngs(0))(jax.random.normal(jax.random.key(3), (5, 16)))
+    np.testing.assert_allclose(jnp.sum(r.weights, -1), 2.5, rtol=1e-6)
+    np.testing.assert_allclose(jnp.sum(r.probs, -1), 1.0, rtol=1e-6)
+
+
+def test_training_updates_the_bias_outside_the_optimizer(tmp_path):
+    cfg = micro(moe={"router": "sigmoid_bias", "aux_loss_weight": 0.0, "bias_update_rate": 1e-2},
+                train={"steps": 3})
+    trainer = Trainer(cfg, out_dir=tmp_path / "run", devices=jax.devices()[:1], progress=False)
+    model, optimizer = nnx.merge(trainer.graphdef, trainer.state)
+    assert not jax.tree.leaves(nnx.state(optimizer, RouterBias))  # no optimizer state for it
+    rec = trainer.train_step()
+    model, _ = nnx.merge(trainer.graphdef, trainer.state)
+    biases = [np.asarray(b.ffn.router.bias[...]) for b in model.blocks if b.is_moe]
+    for bias, counts in zip(biases, rec["expert_counts"], strict=True):  # one step from zero
+        np.testing.assert_allclose(bias, update_bias(jnp.zeros(4), jnp.asarray(counts), 1e-2),
+                                   atol=1e-7)
+        assert np.any(bias != 0)
+    frozen = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, bias_update_rate=0.0))
+    t2 = Trainer(frozen, out_dir=tmp_path / "frozen", devices=jax.devices()[:1], progress=False)
+    t2.train_step()
+    m2, _ = nnx.merge(t2.graphdef, t2.state)
+    assert all(np.all(np.asarray(b.ffn.router.bias[...]) == 0) for b in m2.blocks if b.is_moe)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["moe.router=switch"], r"moe.router='switch' is unknown"),
+    (["moe.router=sigmoid_bias", "moe.router_groups=3"], r"moe.router_groups=3 must divide"),
+    (["moe.router_groups=2"], r"applies to moe.router='sigmoid_bias' only"),
+    (["moe.router=sigmoid_bias", "moe.router_groups=4", "moe.router_topk_groups=1", "moe.top_k=3"],
+     r"moe.top_k=3 exceeds the 2 experts"),
+    (["moe.bias_update_rate=-1"], r"moe.bias_update_rate=-1.0 must be >= 0"),
+])
+def test_router_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(apply_overrides(tiny(), overrides), num_devices=8)
