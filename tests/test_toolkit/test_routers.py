@@ -88,3 +88,30 @@ def test_training_updates_the_bias_outside_the_optimizer(tmp_path):
 def test_router_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate(apply_overrides(tiny(), overrides), num_devices=8)
+
+
+def test_top_p_gives_uncertain_tokens_more_experts():
+    cfg = MoEConfig(num_experts=8, top_k=8, router="top_p", top_p=0.4, renormalize=False)
+    router = make_router(8, cfg, rngs=nnx.Rngs(0))
+    router.w_de[...] = jnp.eye(8)
+    x_td = jnp.stack([8.0 * jnp.eye(8)[3], jnp.zeros(8), jnp.array([2.0, 2.0, 0, 0, 0, 0, 0, 0])])
+    r = router(x_td)
+    np.testing.assert_array_equal(jnp.sum(r.valid, -1), [1, 4, 2])  # peaked, uniform (0.4*8), two
+    assert set(np.asarray(r.expert_ids[2][r.valid[2]]).tolist()) == {0, 1}
+    np.testing.assert_allclose(r.weights, jnp.where(r.valid, jnp.take_along_axis(
+        r.probs, r.expert_ids, -1), 0.0))  # raw probabilities, zero in unused slots
+
+
+def _experts_per_token(tmp_path, name, entropy_weight):
+    cfg = micro(moe={"router": "top_p", "top_k": 4, "top_p": 0.5, "entropy_loss_weight": entropy_weight},
+                train={"steps": 12, "learning_rate": 1e-2})
+    trainer = Trainer(cfg, out_dir=tmp_path / name, devices=jax.devices()[:1], progress=False)
+    recs = [trainer.train_step() for _ in range(cfg.train.steps)]
+    return np.mean(recs[-1]["experts_per_token"]), recs[0]["experts_per_token"]
+
+
+def test_top_p_entropy_loss_lowers_the_experts_per_token(tmp_path):
+    free, start = _experts_per_token(tmp_path, "free", 0.0)
+    sharp, _ = _experts_per_token(tmp_path, "sharp", 0.5)
+    assert all(1.0 <= k <= 4.0 for k in start)
+    assert sharp < free - 0.2, (free, sharp)

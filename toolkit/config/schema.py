@@ -53,8 +53,10 @@ class MoEConfig:
       num_shared_experts: always-on experts of width d_expert, added to the routed output.
       moe_every: every n-th layer is MoE (layers n-1, 2n-1, ...); 1 makes every layer MoE.
       first_dense_layers: this many leading layers stay dense whatever moe_every says.
-      router: routing rule: "topk_softmax" (softmax, top-k; Switch/GShard/Mixtral) or
-        "sigmoid_bias" (sigmoid scores, aux-loss-free bias balancing; DeepSeek-V3/Ling 2.0).
+      router: routing rule: "topk_softmax" (softmax, top-k; Switch/GShard/Mixtral),
+        "sigmoid_bias" (sigmoid scores, aux-loss-free bias balancing; DeepSeek-V3/Ling 2.0)
+        or "top_p" (experts until their probability reaches moe.top_p; at most top_k).
+      top_p: "top_p": probability mass a token's experts must reach (0.4 in the paper).
       renormalize: rescale the top-k weights to sum to one.
       routed_scaling: factor on the routed experts' combine weights ("sigmoid_bias"; 2.5 in
         Ling 2.0, 2.5 in DeepSeek-V3).
@@ -66,6 +68,8 @@ class MoEConfig:
         training step (1e-3 in DeepSeek-V3 / Ling 2.0); 0 freezes the bias.
       aux_loss_weight: weight of the Switch load-balancing loss E * sum_i f_i P_i.
       z_loss_weight: weight of the router z-loss mean(logsumexp(logits)^2).
+      entropy_loss_weight: weight of the mean router entropy -sum_i p_i log p_i (the
+        "dynamic loss" of top-p routing; 1e-4 in public configs); 0 = off.
       dispatch: "dropless" (sort by expert, grouped matmul) or "capacity" (fixed slots).
       capacity_factor: capacity dispatch slots per expert = ceil(cf * tokens * top_k / E),
         tokens counted per dispatch group.
@@ -80,6 +84,7 @@ class MoEConfig:
     moe_every: int = 1
     first_dense_layers: int = 0
     router: str = "topk_softmax"
+    top_p: float = 0.4
     renormalize: bool = True
     routed_scaling: float = 1.0
     router_groups: int = 1
@@ -87,6 +92,7 @@ class MoEConfig:
     bias_update_rate: float = 1e-3
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 1e-3
+    entropy_loss_weight: float = 0.0
     dispatch: str = "dropless"
     capacity_factor: float = 1.25
     dispatch_groups: int = 0

@@ -12,7 +12,7 @@ from toolkit.config.schema import Config, ConfigError
 
 _DTYPES = ("float32", "bfloat16")
 _DISPATCH = ("dropless", "capacity")
-_ROUTERS = ("topk_softmax", "sigmoid_bias")
+_ROUTERS = ("topk_softmax", "sigmoid_bias", "top_p")
 _CORPORA = ("python_docs", "paths")
 MIN_VOCAB = 259
 
@@ -54,6 +54,10 @@ def _mesh_errors(cfg: Config, num_devices) -> list:
 
 def _router_errors(moe) -> list:
     errors = []
+    if not 0 < moe.top_p <= 1:
+        errors.append(f"moe.top_p={moe.top_p} must be in (0, 1]; use 0.4 as in the paper")
+    if moe.entropy_loss_weight < 0:
+        errors.append(f"moe.entropy_loss_weight={moe.entropy_loss_weight} must be >= 0; use 1e-4")
     if moe.routed_scaling <= 0:
         errors.append(f"moe.routed_scaling={moe.routed_scaling} must be > 0; use 1.0 (or 2.5 "
                       f"as in DeepSeek-V3)")

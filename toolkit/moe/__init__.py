@@ -22,11 +22,12 @@ from toolkit.moe.router import (
     Routing,
     SigmoidBiasRouter,
     TopKRouter,
+    TopPRouter,
     make_router,
     update_bias,
 )
 
 __all__ = ["DispatchPlan", "Experts", "MoEAux", "MoELayer", "ROUTERS", "RouterBias", "Routing",
-           "SigmoidBiasRouter", "TopKRouter", "make_router", "update_bias", "capacity",
+           "SigmoidBiasRouter", "TopKRouter", "TopPRouter", "make_router", "update_bias", "capacity",
            "capacity_plan", "combine", "dispatch", "dropless_plan", "dropped_fraction",
            "expert_counts", "load_balance_loss", "router_entropy", "z_loss"]

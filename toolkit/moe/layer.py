@@ -40,7 +40,9 @@ class MoEAux:
       load_balance_loss: float32 [] Switch loss E * sum_i f_i P_i (1 when uniform).
       z_loss: float32 [] mean squared logsumexp of router logits.
       entropy: float32 [] mean router entropy per token, nats.
-      expert_ids: int32 [B, S, k] chosen experts, for analysis by domain or position.
+      experts_per_token: float32 [] mean routed experts per token (k for fixed top-k).
+      expert_ids: int32 [B, S, k] chosen experts, -1 in unused slots (variable-k routers),
+        for analysis by domain or position.
     """
 
     expert_counts: jax.Array
@@ -48,6 +50,7 @@ class MoEAux:
     load_balance_loss: jax.Array
     z_loss: jax.Array
     entropy: jax.Array
+    experts_per_token: jax.Array
     expert_ids: jax.Array
 
 
@@ -111,6 +114,7 @@ class MoELayer(nnx.Module):
             load_balance_loss=losses.load_balance_loss(routing, cfg.num_experts),
             z_loss=losses.z_loss(routing),
             entropy=losses.router_entropy(routing),
-            expert_ids=routing.expert_ids.reshape(b, s, -1),
+            experts_per_token=valid / (b * s),
+            expert_ids=jnp.where(routing.valid, routing.expert_ids, -1).reshape(b, s, -1),
         )
         return y_td.reshape(b, s, d).astype(x_btd.dtype), aux

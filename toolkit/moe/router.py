@@ -15,7 +15,16 @@ over-loaded ones, outside the optimizer (b is a `RouterBias`, not a `Param`):
     w = s[ids] / sum(s[ids]) * routed_scaling
     b <- b + u * (sign(e) - mean(sign(e))),   e_i = mean load - load_i
 
-    routing = ROUTERS[cfg.router](d_model, cfg, rngs=nnx.Rngs(0))(x_td)
+`top_p` (Huang et al. 2024, "Harder Tasks Need More Experts"): a token takes experts,
+most probable first, until their probabilities sum past p, so uncertain tokens get more
+experts. At most `top_k` are kept (the static bound on assignments); the unused slots
+are marked invalid in the Routing record and cost nothing in dropless dispatch. The
+paper weighs experts by their raw probabilities (`renormalize=False`) and adds the router
+entropy as a loss (`moe.entropy_loss_weight`) so the router cannot stay flat:
+
+    p_sorted = sort(softmax(x W_r), descending);  keep slot j while cumsum(p_sorted)[j-1] < p
+
+    routing = make_router(d_model, cfg, rngs=nnx.Rngs(0))(x_td)
     routing.expert_ids    # int32 [T, k]
 """
 
@@ -121,6 +130,28 @@ class SigmoidBiasRouter(nnx.Module):
                        valid=jnp.ones_like(ids_tk, dtype=bool), probs=probs_te, logits=logits_te)
 
 
+class TopPRouter(nnx.Module):
+    """Softmax, then the fewest most-probable experts whose probabilities reach `top_p`
+    (the expert that crosses the threshold is kept), at most `max_k` of them."""
+
+    def __init__(self, d_model: int, num_experts: int, max_k: int, *, top_p: float,
+                 renormalize: bool = True, rngs: nnx.Rngs):
+        self.w_de = param(rngs, (d_model, num_experts), ("embed", None))
+        self.max_k, self.top_p, self.renormalize = max_k, top_p, renormalize
+
+    def __call__(self, x_td) -> Routing:
+        logits_te = x_td.astype(jnp.float32) @ self.w_de[...]
+        probs_te = jax.nn.softmax(logits_te, axis=-1)
+        weights_tk, ids_tk = jax.lax.top_k(probs_te, self.max_k)
+        mass_before_tk = jnp.cumsum(weights_tk, axis=-1) - weights_tk
+        valid_tk = mass_before_tk < self.top_p  # slot 0 always: nothing before it
+        weights_tk = jnp.where(valid_tk, weights_tk, 0.0)
+        if self.renormalize:
+            weights_tk = weights_tk / jnp.sum(weights_tk, axis=-1, keepdims=True)
+        return Routing(weights=weights_tk, expert_ids=ids_tk.astype(jnp.int32), valid=valid_tk,
+                       probs=probs_te, logits=logits_te)
+
+
 def make_router(d_model: int, cfg, *, rngs: nnx.Rngs):
     """The router `cfg.router` names (`cfg` is a MoEConfig)."""
     if cfg.router == "topk_softmax":
@@ -130,7 +161,10 @@ def make_router(d_model: int, cfg, *, rngs: nnx.Rngs):
         return SigmoidBiasRouter(d_model, cfg.num_experts, cfg.top_k, renormalize=cfg.renormalize,
                                  num_groups=cfg.router_groups, topk_groups=cfg.router_topk_groups,
                                  routed_scaling=cfg.routed_scaling, rngs=rngs)
+    if cfg.router == "top_p":
+        return TopPRouter(d_model, cfg.num_experts, cfg.top_k, top_p=cfg.top_p,
+                          renormalize=cfg.renormalize, rngs=rngs)
     raise ValueError(f"moe.router={cfg.router!r} is unknown; use one of {ROUTERS}")
 
 
-ROUTERS = ("topk_softmax", "sigmoid_bias")
+ROUTERS = ("topk_softmax", "sigmoid_bias", "top_p")

@@ -86,10 +86,11 @@ def loss_fn(model, batch, cfg: Config):
     loss = ce
     if aux is not None:
         lb, z = jnp.sum(aux.load_balance_loss), jnp.sum(aux.z_loss)
-        loss = loss + cfg.moe.aux_loss_weight * lb + cfg.moe.z_loss_weight * z
+        loss = (loss + cfg.moe.aux_loss_weight * lb + cfg.moe.z_loss_weight * z
+                + cfg.moe.entropy_loss_weight * jnp.sum(aux.entropy))
         metrics.update(load_balance_loss=aux.load_balance_loss, z_loss=aux.z_loss,
                        expert_counts=aux.expert_counts, dropped_fraction=aux.dropped_fraction,
-                       router_entropy=aux.entropy)
+                       router_entropy=aux.entropy, experts_per_token=aux.experts_per_token)
     metrics["loss"] = loss
     return loss, metrics
 

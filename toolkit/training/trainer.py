@@ -171,6 +171,7 @@ class Trainer:
             rec.update(load_balance_loss=m["load_balance_loss"].tolist(),
                        z_loss=m["z_loss"].tolist(), drop_rate=m["dropped_fraction"].tolist(),
                        router_entropy=m["router_entropy"].tolist(),
+                       experts_per_token=m["experts_per_token"].tolist(),
                        expert_counts=m["expert_counts"].tolist())
         self.history.append(rec)
         if self.step_num % self.cfg.train.log_every == 0 or self.step_num == self.cfg.train.steps:
