@@ -1,6 +1,6 @@
 """Train the tiny model once per router on the same tokens and compare them in one table.
 
-    .venv/bin/python benchmarks/routers.py                 # every router, 300 steps, ~15 min
+    .venv/bin/python benchmarks/routers.py                 # every router, 300 steps, ~18 min
     .venv/bin/python benchmarks/routers.py --steps 20 --variants topk_softmax top_p   # ~1 min
 
 Each variant is the `tiny` preset with a few `--set` overrides (`VARIANTS`), trained with
@@ -34,6 +34,7 @@ VARIANTS = {
                              "moe.routed_scaling=2.5"],
     "top_p": ["moe.router=top_p", "moe.top_k=8", "moe.top_p=0.4", "moe.renormalize=false",
               "moe.entropy_loss_weight=1e-4"],
+    "expert_choice": ["moe.router=expert_choice", "moe.aux_loss_weight=0"],
 }
 
 

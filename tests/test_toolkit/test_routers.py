@@ -115,3 +115,25 @@ def test_top_p_entropy_loss_lowers_the_experts_per_token(tmp_path):
     sharp, _ = _experts_per_token(tmp_path, "sharp", 0.5)
     assert all(1.0 <= k <= 4.0 for k in start)
     assert sharp < free - 0.2, (free, sharp)
+
+
+def test_expert_choice_never_exceeds_capacity_and_balances_exactly():
+    cfg = MoEConfig(num_experts=4, top_k=2, router="expert_choice")
+    router = make_router(16, cfg, rngs=nnx.Rngs(0))
+    x_td = jax.random.normal(jax.random.key(4), (10, 16))
+    r = router(x_td)
+    per_expert = np.asarray(jnp.sum(r.valid, axis=0))
+    np.testing.assert_array_equal(per_expert, [5, 5, 5, 5])  # ceil(2 * 10 / 4) each
+    probs = np.asarray(r.probs)
+    for e in range(4):  # each expert took its best-scoring tokens
+        chosen = np.asarray(r.valid[:, e])
+        assert probs[chosen, e].min() >= probs[~chosen, e].max()
+    np.testing.assert_allclose(r.weights, jnp.where(r.valid, r.probs, 0.0))
+
+
+def test_expert_choice_trains_through_the_layer(tmp_path):
+    cfg = micro(moe={"router": "expert_choice"})
+    trainer = Trainer(cfg, out_dir=tmp_path / "ec", devices=jax.devices()[:1], progress=False)
+    rec = trainer.train_step()
+    assert np.isfinite(rec["loss"]) and rec["drop_rate"] == [0.0, 0.0]
+    np.testing.assert_allclose(rec["experts_per_token"], 2.0)  # top_k on average, exactly

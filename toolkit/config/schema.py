@@ -55,7 +55,8 @@ class MoEConfig:
       first_dense_layers: this many leading layers stay dense whatever moe_every says.
       router: routing rule: "topk_softmax" (softmax, top-k; Switch/GShard/Mixtral),
         "sigmoid_bias" (sigmoid scores, aux-loss-free bias balancing; DeepSeek-V3/Ling 2.0)
-        or "top_p" (experts until their probability reaches moe.top_p; at most top_k).
+        "top_p" (experts until their probability reaches moe.top_p; at most top_k) or
+        "expert_choice" (each expert takes its best top_k * T / E tokens of the batch).
       top_p: "top_p": probability mass a token's experts must reach (0.4 in the paper).
       renormalize: rescale the top-k weights to sum to one.
       routed_scaling: factor on the routed experts' combine weights ("sigmoid_bias"; 2.5 in

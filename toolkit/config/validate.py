@@ -12,7 +12,7 @@ from toolkit.config.schema import Config, ConfigError
 
 _DTYPES = ("float32", "bfloat16")
 _DISPATCH = ("dropless", "capacity")
-_ROUTERS = ("topk_softmax", "sigmoid_bias", "top_p")
+_ROUTERS = ("topk_softmax", "sigmoid_bias", "top_p", "expert_choice")
 _CORPORA = ("python_docs", "paths")
 MIN_VOCAB = 259
 

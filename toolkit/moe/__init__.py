@@ -18,6 +18,7 @@ from toolkit.moe.layer import MoEAux, MoELayer
 from toolkit.moe.losses import expert_counts, load_balance_loss, router_entropy, z_loss
 from toolkit.moe.router import (
     ROUTERS,
+    ExpertChoiceRouter,
     RouterBias,
     Routing,
     SigmoidBiasRouter,
@@ -27,7 +28,8 @@ from toolkit.moe.router import (
     update_bias,
 )
 
-__all__ = ["DispatchPlan", "Experts", "MoEAux", "MoELayer", "ROUTERS", "RouterBias", "Routing",
-           "SigmoidBiasRouter", "TopKRouter", "TopPRouter", "make_router", "update_bias", "capacity",
+__all__ = ["DispatchPlan", "ExpertChoiceRouter", "Experts", "MoEAux", "MoELayer", "ROUTERS",
+           "RouterBias", "Routing", "SigmoidBiasRouter", "TopKRouter", "TopPRouter", "capacity",
            "capacity_plan", "combine", "dispatch", "dropless_plan", "dropped_fraction",
-           "expert_counts", "load_balance_loss", "router_entropy", "z_loss"]
+           "expert_counts", "load_balance_loss", "make_router", "router_entropy", "update_bias",
+           "z_loss"]

@@ -24,6 +24,14 @@ entropy as a loss (`moe.entropy_loss_weight`) so the router cannot stay flat:
 
     p_sorted = sort(softmax(x W_r), descending);  keep slot j while cumsum(p_sorted)[j-1] < p
 
+`expert_choice` (Zhou et al. 2022): experts pick tokens. Each expert takes the
+`ceil(top_k * T / E)` tokens of the batch it scores highest, so on average a token gets
+`top_k` experts (some get none, some more) and load is perfectly balanced by
+construction. Its Routing record has one slot per expert (`k = E`), valid where the
+expert chose the token. The choice sees every token of the batch, later positions
+included, so in a causal language model it leaks a little of the future into routing:
+compare its validation numbers with that in mind.
+
     routing = make_router(d_model, cfg, rngs=nnx.Rngs(0))(x_td)
     routing.expert_ids    # int32 [T, k]
 """
@@ -152,6 +160,27 @@ class TopPRouter(nnx.Module):
                        probs=probs_te, logits=logits_te)
 
 
+class ExpertChoiceRouter(nnx.Module):
+    """Softmax over experts per token; each expert keeps its `ceil(top_k * T / E)` best tokens."""
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, *, rngs: nnx.Rngs):
+        self.w_de = param(rngs, (d_model, num_experts), ("embed", None))
+        self.top_k = top_k
+
+    def capacity(self, num_tokens: int) -> int:
+        return min(num_tokens, -(-self.top_k * num_tokens // self.w_de.shape[1]))
+
+    def __call__(self, x_td) -> Routing:
+        logits_te = x_td.astype(jnp.float32) @ self.w_de[...]
+        probs_te = jax.nn.softmax(logits_te, axis=-1)
+        t, e = probs_te.shape
+        _, tokens_ec = jax.lax.top_k(probs_te.T, self.capacity(t))
+        chosen_te = jnp.zeros((t, e), bool).at[tokens_ec, jnp.arange(e)[:, None]].set(True)
+        return Routing(weights=jnp.where(chosen_te, probs_te, 0.0),
+                       expert_ids=jnp.broadcast_to(jnp.arange(e, dtype=jnp.int32), (t, e)),
+                       valid=chosen_te, probs=probs_te, logits=logits_te)
+
+
 def make_router(d_model: int, cfg, *, rngs: nnx.Rngs):
     """The router `cfg.router` names (`cfg` is a MoEConfig)."""
     if cfg.router == "topk_softmax":
@@ -161,10 +190,12 @@ def make_router(d_model: int, cfg, *, rngs: nnx.Rngs):
         return SigmoidBiasRouter(d_model, cfg.num_experts, cfg.top_k, renormalize=cfg.renormalize,
                                  num_groups=cfg.router_groups, topk_groups=cfg.router_topk_groups,
                                  routed_scaling=cfg.routed_scaling, rngs=rngs)
+    if cfg.router == "expert_choice":
+        return ExpertChoiceRouter(d_model, cfg.num_experts, cfg.top_k, rngs=rngs)
     if cfg.router == "top_p":
         return TopPRouter(d_model, cfg.num_experts, cfg.top_k, top_p=cfg.top_p,
                           renormalize=cfg.renormalize, rngs=rngs)
     raise ValueError(f"moe.router={cfg.router!r} is unknown; use one of {ROUTERS}")
 
 
-ROUTERS = ("topk_softmax", "sigmoid_bias", "top_p")
+ROUTERS = ("topk_softmax", "sigmoid_bias", "top_p", "expert_choice")
