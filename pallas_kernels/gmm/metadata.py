@@ -67,8 +67,12 @@ def make_work_list(group_sizes_g, *, num_rows: int, tm: int, group_offset, num_l
 
     `sum(group_sizes_g)` may be less than `num_rows` (the tail is a "none" segment) but not
     more. `group_offset` may be traced. `cover_all_rows=False` leaves out the "none"
-    items: `tgmm` writes per group, not per row, and need not visit rows of no group.
+    items: `tgmm` writes per group, not per row, and need not visit rows of no group (it
+    must then visit empty groups, so that the list is never empty).
     """
+    if not cover_all_rows and not visit_empty_groups:
+        raise ValueError("make_work_list: cover_all_rows=False needs visit_empty_groups=True, "
+                         "else a shard whose groups are all empty would have no work item")
     sizes_g = group_sizes_g.astype(jnp.int32)
     num_tiles = pl_cdiv(num_rows, tm)
     before = jnp.sum(jnp.where(jnp.arange(sizes_g.shape[0]) < group_offset, sizes_g, 0))

@@ -40,7 +40,7 @@ def test_forward_and_grads_match_reference(impl, sizes, m):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15, deadline=None, derandomize=True)
 @given(st.lists(st.integers(0, 12), min_size=1, max_size=5), st.integers(0, 6),
        st.sampled_from([None, 1, 4, 8]))
 def test_xla_tiled_any_group_sizes(sizes, extra_rows, tile_rows):
@@ -153,13 +153,14 @@ def test_group_offset_shape_errors():
         gmm(jnp.ones((3, 2, 8)), w, gs, group_offset=0)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(st.lists(st.integers(0, 20), min_size=1, max_size=6), st.integers(0, 9),
        st.sampled_from([1, 4, 8]), st.data(), st.booleans(), st.booleans())
 def test_work_list_covers_every_row_once(sizes, extra, tm, data, visit_empty, cover_all):
     m = sum(sizes) + extra
     if m == 0:
         return
+    visit_empty = visit_empty or not cover_all  # the only lists the kernels build
     offset = data.draw(st.integers(0, len(sizes) - 1))
     num_local = data.draw(st.integers(1, len(sizes) - offset))
     w = make_work_list(jnp.asarray(sizes), num_rows=m, tm=tm, group_offset=offset,
