@@ -138,6 +138,17 @@ def _ratios(timings, baseline_prefix):
     return out
 
 
+def _table_rows(results, lead) -> list[str]:
+    """Markdown rows `| lead | row | fwd ms | fwd ratio | fwd+bwd ms | fwd+bwd ratio |`."""
+    lines = []
+    for r in results:
+        for row in dict.fromkeys(k.rsplit(" ", 1)[0] for k in r["rows"]):
+            f, fb = r["rows"][f"{row} fwd"], r["rows"][f"{row} fwd+bwd"]
+            lines.append(f"| {lead(r)} | {row} | {f['median_ms']:.2f} | {f['vs_baseline']:.2f}x | "
+                         f"{fb['median_ms']:.2f} | {fb['vs_baseline']:.2f}x |")
+    return lines
+
+
 def _device_slug() -> str:
     return re.sub(r"[^a-z0-9]+", "-", jax.devices()[0].device_kind.lower()).strip("-")
 
@@ -184,20 +195,12 @@ def main(argv=None) -> int:
              f"row time at equal FLOPs (1.0 = the roofline).\n",
              "| shape | skew | M x K x N, G | row | fwd ms | fwd vs dense | fwd+bwd ms | "
              "fwd+bwd vs dense |", "|---|---|---|---|---:|---:|---:|---:|"]
-    for r in gmm_rows:
-        for row in dict.fromkeys(k.rsplit(" ", 1)[0] for k in r["rows"]):
-            f, fb = r["rows"][f"{row} fwd"], r["rows"][f"{row} fwd+bwd"]
-            lines.append(f"| {r['shape']} | {r['skew']} | {r['M']}x{r['K']}x{r['N']}, {r['G']} | "
-                         f"{row} | {f['median_ms']:.2f} | {f['vs_baseline']:.2f}x | "
-                         f"{fb['median_ms']:.2f} | {fb['vs_baseline']:.2f}x |")
+    lines += _table_rows(gmm_rows, lambda r: f"{r['shape']} | {r['skew']} | "
+                                             f"{r['M']}x{r['K']}x{r['N']}, {r['G']}")
     lines += ["", "| attention shape | B, T, H/KV, D | row | fwd ms | fwd vs XLA | fwd+bwd ms | "
                   "fwd+bwd vs XLA |", "|---|---|---|---:|---:|---:|---:|"]
-    for r in attn_rows:
-        for row in dict.fromkeys(k.rsplit(" ", 1)[0] for k in r["rows"]):
-            f, fb = r["rows"][f"{row} fwd"], r["rows"][f"{row} fwd+bwd"]
-            lines.append(f"| {r['shape']} | {r['B']}, {r['T']}, {r['H']}/{r['KV']}, {r['D']} | "
-                         f"{row} | {f['median_ms']:.2f} | {f['vs_baseline']:.2f}x | "
-                         f"{fb['median_ms']:.2f} | {fb['vs_baseline']:.2f}x |")
+    lines += _table_rows(attn_rows, lambda r: f"{r['shape']} | {r['B']}, {r['T']}, "
+                                              f"{r['H']}/{r['KV']}, {r['D']}")
     write_results(f"kernels-{_device_slug()}" + ("-quick" if args.quick else ""), result,
                   "\n".join(lines) + "\n")
     return 0
