@@ -52,7 +52,7 @@ def _x(shape=(2, 10, 24)):
 def test_dropless_equals_dense_loop_forward_and_grads(shared, gmm_impl):
     layer = _layer(num_shared_experts=shared, gmm_impl=gmm_impl)
     x = _x()
-    y, aux = layer(x)
+    y, aux, _ = layer(x)
     np.testing.assert_allclose(y, _dense_loop(layer, x), rtol=1e-5, atol=1e-5)
     assert float(aux.dropped_fraction) == 0.0
 
@@ -68,8 +68,8 @@ def test_capacity_with_large_factor_equals_dropless():
     x = _x()
     dropless = _layer()
     cap = _layer(dispatch="capacity", capacity_factor=4.0)
-    y0, aux0 = dropless(x)
-    y1, aux1 = cap(x)
+    y0, aux0, _ = dropless(x)
+    y1, aux1, _ = cap(x)
     np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
     assert float(aux1.dropped_fraction) == 0.0
     np.testing.assert_array_equal(aux1.expert_counts, aux0.expert_counts)
@@ -136,7 +136,7 @@ def test_load_balance_loss_is_one_when_uniform_and_grows_with_skew():
 
 def test_aux_reports_per_layer_values():
     layer = _layer(dispatch="capacity", capacity_factor=0.5)
-    _, aux = layer(_x())
+    _, aux, _ = layer(_x())
     assert aux.expert_counts.shape == (4,) and float(aux.expert_counts.sum()) == 20 * 2
     assert 0.0 < float(aux.dropped_fraction) < 1.0
     assert aux.expert_ids.shape == (2, 10, 2)

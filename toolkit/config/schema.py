@@ -26,6 +26,10 @@ class ModelConfig:
       norm_eps: RMSNorm epsilon.
       dtype: compute dtype, "float32" or "bfloat16" (parameters stay float32).
       tie_embeddings: reuse the input embedding as the output projection.
+      mtp_layers: multi-token-prediction depth (DeepSeek-V3, Ling 2.0 use 1): module j
+        combines the previous depth's hidden state with the embedding of token t+j, runs one
+        more dense block, and predicts token t+j+1 through the shared output projection.
+      mtp_loss_weight: weight of the mean MTP cross-entropy added to the loss (0.1 in Ling 2.0).
     """
 
     vocab_size: int = 264
@@ -40,6 +44,8 @@ class ModelConfig:
     norm_eps: float = 1e-6
     dtype: str = "float32"
     tie_embeddings: bool = False
+    mtp_layers: int = 0
+    mtp_loss_weight: float = 0.1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,12 +59,41 @@ class MoEConfig:
       num_shared_experts: always-on experts of width d_expert, added to the routed output.
       moe_every: every n-th layer is MoE (layers n-1, 2n-1, ...); 1 makes every layer MoE.
       first_dense_layers: this many leading layers stay dense whatever moe_every says.
+      expert_fraction: when > 0, d_expert is this fraction of model.d_ff instead (fine-grained
+        experts: 0.25 with 4x the experts keeps FLOPs and parameters of 1x at full width).
+      expert_activation: "swiglu" (silu(x W_g) * x W_u) or "reglu" (relu(x W_g) * x W_u;
+        SmallThinker), whose exact zeros are measured as activation sparsity.
+      small_experts: extra routed experts of width d_small_expert (Duo-LLM big/small
+        experts); ids num_experts .. num_experts + small_experts - 1.
+      d_small_expert: hidden width of a small expert.
+      zero_experts: MoE++ zero-computation experts E(x) = 0 (Duo-LLM's "skip"); never dispatched.
+      copy_experts: MoE++ copy experts E(x) = x.
+      constant_experts: MoE++ constant experts E(x) = a1 x + a2 v, [a1, a2] = softmax(W_c x).
+      gru_experts: Hecto-style experts of another kind: a causal GRU of width d_gru_expert
+        over the sequence, projected back to d_model (computed for every token, like
+        attention, and weighed in only where routed).
+      d_gru_expert: hidden width of a GRU expert.
+      zc_tau: MoE++ tau: the balance loss weighs the zero-computation (and GRU) experts' terms
+        by tau and the FFN experts' by 1; smaller tau sends more tokens to cheap experts.
+      gating_residual: MoE++ gating residuals: add W_g (previous MoE layer's router logits)
+        to this layer's logits.
+      bigmac_ratio: BigMac (DCCA) when > 0: a shared down-projection to bigmac_ratio * d_model
+        before dispatch and an up-projection after combine; experts work at that width.
       router: routing rule: "topk_softmax" (softmax, top-k; Switch/GShard/Mixtral),
-        "sigmoid_bias" (sigmoid scores, aux-loss-free bias balancing; DeepSeek-V3/Ling 2.0)
-        "top_p" (experts until their probability reaches moe.top_p; at most top_k) or
-        "expert_choice" (each expert takes its best top_k * T / E tokens of the batch).
-      top_p: "top_p": probability mass a token's experts must reach (0.4 in the paper).
-      renormalize: rescale the top-k weights to sum to one.
+        "sigmoid_bias" (sigmoid scores, aux-loss-free bias balancing; DeepSeek-V3/Ling 2.0),
+        "top_p" (experts until their probability reaches moe.top_p; at most top_k),
+        "expert_choice" (each expert takes its best top_k * T / E tokens of the batch),
+        "recurrent" (RMoE: a GRU shared across layers carries routing state from layer to
+        layer) or "tsallis" (DynMoLE: top-p with at least top_k experts, all experts when
+        the normalised Tsallis entropy exceeds tsallis_threshold).
+      router_placement: "post_attention" (route the normed FFN input) or "pre_attention"
+        (route the raw block input before attention, SmallThinker; the decision is known one
+        attention block early).
+      router_jitter: multiply the router input by U(1 - eps, 1 + eps) in training (Switch
+        uses 1e-2); 0 = off. Evaluation never jitters.
+      top_p: "top_p" and "tsallis": probability mass a token's experts must reach (0.4 in
+        the top-p paper, 0.75 in DynMoLE).
+      renormalize: rescale the chosen experts' weights to sum to one.
       routed_scaling: factor on the routed experts' combine weights ("sigmoid_bias"; 2.5 in
         Ling 2.0, 2.5 in DeepSeek-V3).
       router_groups: "sigmoid_bias": split the experts into this many groups and pick experts
@@ -67,10 +102,18 @@ class MoEConfig:
       router_topk_groups: groups kept per token when `router_groups` > 1.
       bias_update_rate: "sigmoid_bias": step u of the aux-loss-free bias update after every
         training step (1e-3 in DeepSeek-V3 / Ling 2.0); 0 freezes the bias.
+      recurrent_dim: "recurrent": width p of the per-layer projection and the shared GRU
+        (128 in RMoE).
+      tsallis_q: "tsallis": entropic index q of S_q(p) = (1 - sum p^q) / (q - 1) (1.1).
+      tsallis_threshold: "tsallis": normalised entropy above which a token takes all experts (0.9).
       aux_loss_weight: weight of the Switch load-balancing loss E * sum_i f_i P_i.
       z_loss_weight: weight of the router z-loss mean(logsumexp(logits)^2).
+      seq_aux_loss_weight: weight of the sequence-level balance loss (DeepSeek-V3): the
+        Switch loss computed within each sequence, averaged over sequences; 0 = off.
       entropy_loss_weight: weight of the mean router entropy -sum_i p_i log p_i (the
         "dynamic loss" of top-p routing; 1e-4 in public configs); 0 = off.
+      tsallis_loss_weight: weight of the mean normalised Tsallis entropy of the router
+        (DynMoLE, 0.01); 0 = off.
       dispatch: "dropless" (sort by expert, grouped matmul) or "capacity" (fixed slots).
       capacity_factor: capacity dispatch slots per expert = ceil(cf * tokens * top_k / E),
         tokens counted per dispatch group.
@@ -84,19 +127,57 @@ class MoEConfig:
     num_shared_experts: int = 0
     moe_every: int = 1
     first_dense_layers: int = 0
+    expert_fraction: float = 0.0
+    expert_activation: str = "swiglu"
+    small_experts: int = 0
+    d_small_expert: int = 64
+    zero_experts: int = 0
+    copy_experts: int = 0
+    constant_experts: int = 0
+    gru_experts: int = 0
+    d_gru_expert: int = 64
+    zc_tau: float = 1.0
+    gating_residual: bool = False
+    bigmac_ratio: float = 0.0
     router: str = "topk_softmax"
+    router_placement: str = "post_attention"
+    router_jitter: float = 0.0
     top_p: float = 0.4
     renormalize: bool = True
     routed_scaling: float = 1.0
     router_groups: int = 1
     router_topk_groups: int = 1
     bias_update_rate: float = 1e-3
+    recurrent_dim: int = 128
+    tsallis_q: float = 1.1
+    tsallis_threshold: float = 0.9
     aux_loss_weight: float = 0.01
+    seq_aux_loss_weight: float = 0.0
     z_loss_weight: float = 1e-3
     entropy_loss_weight: float = 0.0
+    tsallis_loss_weight: float = 0.0
     dispatch: str = "dropless"
     capacity_factor: float = 1.25
     dispatch_groups: int = 0
+
+    @property
+    def num_ffn_experts(self) -> int:
+        """Dispatched experts: big (num_experts) then small; ids 0 .. num_ffn_experts - 1."""
+        return self.num_experts + self.small_experts
+
+    @property
+    def num_local_experts(self) -> int:
+        """Experts computed where the token is: zero, copy, constant, then GRU (ids after FFN)."""
+        return self.zero_experts + self.copy_experts + self.constant_experts + self.gru_experts
+
+    @property
+    def num_routed(self) -> int:
+        """Every expert the router chooses among: FFN experts, then the local ones."""
+        return self.num_ffn_experts + self.num_local_experts
+
+    def expert_width(self, d_ff: int) -> int:
+        """Hidden width of a (big) routed expert: expert_fraction * d_ff, or d_expert."""
+        return max(1, round(self.expert_fraction * d_ff)) if self.expert_fraction else self.d_expert
 
 
 @dataclass(frozen=True, kw_only=True)

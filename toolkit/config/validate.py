@@ -12,7 +12,9 @@ from toolkit.config.schema import Config, ConfigError
 
 _DTYPES = ("float32", "bfloat16")
 _DISPATCH = ("dropless", "capacity")
-_ROUTERS = ("topk_softmax", "sigmoid_bias", "top_p", "expert_choice")
+_ROUTERS = ("topk_softmax", "sigmoid_bias", "top_p", "expert_choice", "recurrent", "tsallis")
+_PLACEMENTS = ("post_attention", "pre_attention")
+_ACTIVATIONS = ("swiglu", "reglu")
 _CORPORA = ("python_docs", "paths")
 MIN_VOCAB = 259
 
@@ -52,8 +54,50 @@ def _mesh_errors(cfg: Config, num_devices) -> list:
     return errors
 
 
+def _expert_errors(moe, m) -> list:
+    """Expert kinds and layer structure: fine-grained, small, local, BigMac."""
+    errors = []
+    if moe.expert_activation not in _ACTIVATIONS:
+        errors.append(f"moe.expert_activation={moe.expert_activation!r} is unknown; use one of "
+                      f"{_ACTIVATIONS}")
+    if not 0 <= moe.expert_fraction <= 1:
+        errors.append(f"moe.expert_fraction={moe.expert_fraction} must be in [0, 1] (0 = use "
+                      f"moe.d_expert); use e.g. 0.25 for experts a quarter of model.d_ff")
+    for key in ("small_experts", "zero_experts", "copy_experts", "constant_experts", "gru_experts"):
+        if getattr(moe, key) < 0:
+            errors.append(f"moe.{key}={getattr(moe, key)} must be >= 0")
+    if moe.small_experts:
+        _positive(errors, "moe.d_small_expert", moe.d_small_expert)
+    if moe.gru_experts:
+        _positive(errors, "moe.d_gru_expert", moe.d_gru_expert)
+    if moe.zc_tau <= 0:
+        errors.append(f"moe.zc_tau={moe.zc_tau} must be > 0; use 0.75 as in MoE++ 7B, or 1.0")
+    if not 0 <= moe.bigmac_ratio <= 1:
+        errors.append(f"moe.bigmac_ratio={moe.bigmac_ratio} must be in [0, 1] (0 = off); use 0.25")
+    elif moe.bigmac_ratio and round(moe.bigmac_ratio * m.d_model) < 1:
+        errors.append(f"moe.bigmac_ratio={moe.bigmac_ratio} leaves no width of model.d_model="
+                      f"{m.d_model}; use at least {1 / m.d_model:.3g}")
+    if moe.router_placement not in _PLACEMENTS:
+        errors.append(f"moe.router_placement={moe.router_placement!r} is unknown; use one of "
+                      f"{_PLACEMENTS}")
+    if moe.router_jitter < 0 or moe.router_jitter >= 1:
+        errors.append(f"moe.router_jitter={moe.router_jitter} must be in [0, 1); use 0.01 as in "
+                      f"Switch, or 0")
+    return errors
+
+
 def _router_errors(moe) -> list:
     errors = []
+    if moe.router == "recurrent":
+        _positive(errors, "moe.recurrent_dim", moe.recurrent_dim)
+    if moe.tsallis_q <= 0:
+        errors.append(f"moe.tsallis_q={moe.tsallis_q} must be > 0; use 1.1 as in DynMoLE")
+    if not 0 < moe.tsallis_threshold <= 1:
+        errors.append(f"moe.tsallis_threshold={moe.tsallis_threshold} must be in (0, 1] (normalised "
+                      f"entropy); use 0.9 as in DynMoLE")
+    for key in ("seq_aux_loss_weight", "tsallis_loss_weight"):
+        if getattr(moe, key) < 0:
+            errors.append(f"moe.{key}={getattr(moe, key)} must be >= 0 (0 = off)")
     if not 0 < moe.top_p <= 1:
         errors.append(f"moe.top_p={moe.top_p} must be in (0, 1]; use 0.4 as in the paper")
     if moe.entropy_loss_weight < 0:
@@ -64,19 +108,19 @@ def _router_errors(moe) -> list:
     if moe.bias_update_rate < 0:
         errors.append(f"moe.bias_update_rate={moe.bias_update_rate} must be >= 0; use 1e-3 "
                       f"(0 freezes the bias)")
-    g, kg = moe.router_groups, moe.router_topk_groups
-    if g < 1 or moe.num_experts % g:
-        errors.append(f"moe.router_groups={g} must divide moe.num_experts={moe.num_experts}; "
-                      f"use one of {[d for d in range(1, moe.num_experts + 1) if moe.num_experts % d == 0]}")
+    g, kg, n = moe.router_groups, moe.router_topk_groups, moe.num_routed
+    if g < 1 or n % g:
+        errors.append(f"moe.router_groups={g} must divide the {n} routed experts (moe.num_experts "
+                      f"plus small and local experts); use one of "
+                      f"{[d for d in range(1, n + 1) if n % d == 0]}")
     elif g > 1 and moe.router != "sigmoid_bias":
         errors.append(f"moe.router_groups={g} applies to moe.router='sigmoid_bias' only, "
                       f"got {moe.router!r}; use router_groups=1")
     elif not 1 <= kg <= g:
         errors.append(f"moe.router_topk_groups={kg} must be in 1..moe.router_groups={g}")
-    elif moe.top_k > kg * (moe.num_experts // g):
-        errors.append(f"moe.top_k={moe.top_k} exceeds the {kg * (moe.num_experts // g)} experts "
-                      f"in moe.router_topk_groups={kg} groups of {moe.num_experts // g}; "
-                      f"keep more groups")
+    elif g > 1 and moe.top_k > kg * (n // g):
+        errors.append(f"moe.top_k={moe.top_k} exceeds the {kg * (n // g)} experts "
+                      f"in moe.router_topk_groups={kg} groups of {n // g}; keep more groups")
     return errors
 
 
@@ -129,16 +173,25 @@ def validate(cfg: Config, num_devices: int | None = None, domain_tokens: dict | 
                       f"{m.num_kv_heads}; use num_kv_heads in {ok}")
     if m.head_dim % 2:
         errors.append(f"model.head_dim={m.head_dim} must be even for RoPE; use {m.head_dim + 1}")
+    if m.mtp_layers < 0 or m.mtp_layers >= m.seq_len:
+        errors.append(f"model.mtp_layers={m.mtp_layers} must be in 0..{m.seq_len - 1}; use 1 as in "
+                      f"Ling 2.0, or 0")
+    if m.mtp_loss_weight < 0:
+        errors.append(f"model.mtp_loss_weight={m.mtp_loss_weight} must be >= 0; use 0.1")
     if m.dtype not in _DTYPES:
         errors.append(f"model.dtype={m.dtype!r} is not supported; use one of {_DTYPES}")
 
     if moe.num_experts < 0:
         errors.append(f"moe.num_experts={moe.num_experts} must be >= 0 (0 = dense model)")
     if moe.num_experts > 0:
-        if not 1 <= moe.top_k <= moe.num_experts:
-            errors.append(f"moe.top_k={moe.top_k} exceeds moe.num_experts={moe.num_experts}; "
-                          f"use 1..{moe.num_experts}" if moe.top_k > 0 else
-                          f"moe.top_k={moe.top_k} must be >= 1; use 1..{moe.num_experts}")
+        n = moe.num_routed
+        pool = (f"moe.num_experts={n}" if n == moe.num_experts else
+                f"the {n} routed experts (moe.num_experts={moe.num_experts} plus small and "
+                f"local experts)")
+        if not 1 <= moe.top_k <= n:
+            errors.append(f"moe.top_k={moe.top_k} exceeds {pool}; use 1..{n}" if moe.top_k > 0
+                          else f"moe.top_k={moe.top_k} must be >= 1; use 1..{n}")
+        errors += _expert_errors(moe, m)
         _positive(errors, "moe.d_expert", moe.d_expert)
         _positive(errors, "moe.moe_every", moe.moe_every)
         if moe.router not in _ROUTERS:
@@ -180,9 +233,15 @@ def validate(cfg: Config, num_devices: int | None = None, domain_tokens: dict | 
             if value % tp:
                 errors.append(f"{key}={value} is not divisible by mesh axis tensor={tp}; "
                               f"use {_divisors_near(value, tp)}")
-        if moe.num_experts > 0 and moe.d_expert % tp:
-            errors.append(f"moe.d_expert={moe.d_expert} is not divisible by mesh axis tensor={tp}; "
-                          f"use {_divisors_near(moe.d_expert, tp)}")
+        width = moe.expert_width(m.d_ff)
+        if moe.num_experts > 0 and width % tp:
+            key = (f"moe.expert_fraction={moe.expert_fraction} (width {width})"
+                   if moe.expert_fraction else f"moe.d_expert={width}")
+            errors.append(f"{key} is not divisible by mesh axis tensor={tp}; "
+                          f"use a width in {_divisors_near(width, tp)}")
+        if moe.num_experts > 0 and moe.small_experts and moe.d_small_expert % tp:
+            errors.append(f"moe.d_small_expert={moe.d_small_expert} is not divisible by mesh axis "
+                          f"tensor={tp}; use {_divisors_near(moe.d_small_expert, tp)}")
         if m.d_model % sizes["fsdp"]:
             errors.append(f"model.d_model={m.d_model} is not divisible by mesh axis fsdp="
                           f"{sizes['fsdp']}; use {_divisors_near(m.d_model, sizes['fsdp'])}")

@@ -5,12 +5,24 @@
     logits = unembed(norm(x))
 
 `ffn` is an `MoELayer` on every `moe.moe_every`-th layer past `moe.first_dense_layers`,
-and a dense SwiGLU elsewhere. The model returns logits and the MoE layers' `MoEAux`
-stacked along a leading layer axis (None for a dense model):
+and a dense SwiGLU elsewhere. With `moe.router_placement="pre_attention"` (SmallThinker)
+an MoE block routes from its raw input x before attention runs. The router state
+(`Routing.state`: logits for gating residuals, the recurrent router's GRU state) flows
+from each MoE layer to the next; the recurrent router's GRU is one module all layers share.
+
+The model returns logits and the MoE layers' `MoEAux` stacked along a leading layer axis
+(None for a dense model):
 
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     logits_btv, aux = model(tokens_bt)
     aux.expert_counts          # [num_moe_layers, E]
+
+Multi-token prediction (`model.mtp_layers`, DeepSeek-V3 / Ling 2.0): given the next tokens
+(`mtp_tokens_bt`, the targets), MTP module j merges the previous depth's final hidden
+state with the embedding of token t+j, `h' = Block(W_j [norm(h); norm(emb(t+j))])`, and its
+logits through the shared output projection predict token t+j+1:
+
+    logits_btv, aux, mtp_logits_jbtv = model(tokens_bt, mtp_tokens_bt=targets_bt)
 """
 
 import jax
@@ -21,6 +33,7 @@ from toolkit.config import Config
 from toolkit.models.attention import Attention
 from toolkit.models.layers import Embed, RMSNorm, SwiGLU, param
 from toolkit.moe.layer import MoELayer
+from toolkit.moe.recurrent import GRU
 from toolkit.sharding.rules import constrain
 
 
@@ -33,24 +46,43 @@ def moe_layer_indices(cfg: Config) -> list:
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: Config, is_moe: bool, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: Config, is_moe: bool, *, shared_gru=None, rngs: nnx.Rngs):
         m = cfg.model
         self.attn_norm = RMSNorm(m.d_model, eps=m.norm_eps)
         self.attn = Attention(m, impl=cfg.kernels.attention, rngs=rngs)
         self.ffn_norm = RMSNorm(m.d_model, eps=m.norm_eps)
         self.is_moe = is_moe
-        self.ffn = MoELayer(m.d_model, cfg.moe, gmm_impl=cfg.kernels.gmm,
-                            rngs=rngs) if is_moe else SwiGLU(
-            m.d_model, m.d_ff, rngs=rngs)
+        self.pre_attention = cfg.moe.router_placement == "pre_attention"
+        self.ffn = MoELayer(m.d_model, cfg.moe, d_expert=cfg.moe.expert_width(m.d_ff),
+                            gmm_impl=cfg.kernels.gmm, shared_gru=shared_gru,
+                            rngs=rngs) if is_moe else SwiGLU(m.d_model, m.d_ff, rngs=rngs)
 
-    def __call__(self, x_btd, positions_bt):
+    def __call__(self, x_btd, positions_bt, state=None):
+        """`(x_btd, aux, state)`: aux is the MoE layer's record (None when dense)."""
+        routing = self.ffn.route(x_btd, state) if self.is_moe and self.pre_attention else None
         x_btd = x_btd + self.attn(self.attn_norm(x_btd), positions_bt)
         x_btd = constrain(x_btd, ("batch", "seq", "embed"))
-        h = self.ffn(self.ffn_norm(x_btd))
-        aux = None
-        if self.is_moe:
-            h, aux = h
-        return constrain(x_btd + h, ("batch", "seq", "embed")), aux
+        if not self.is_moe:
+            return constrain(x_btd + self.ffn(self.ffn_norm(x_btd)), ("batch", "seq", "embed")), \
+                None, state
+        h, aux, state = self.ffn(self.ffn_norm(x_btd), state, routing=routing)
+        return constrain(x_btd + h, ("batch", "seq", "embed")), aux, state
+
+
+class MTPModule(nnx.Module):
+    """One depth of multi-token prediction: merge, one dense block (see the module doc)."""
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        m = cfg.model
+        self.h_norm = RMSNorm(m.d_model, eps=m.norm_eps)
+        self.e_norm = RMSNorm(m.d_model, eps=m.norm_eps)
+        self.w_merge = param(rngs, (2 * m.d_model, m.d_model), (None, "embed"))
+        self.block = Block(cfg, False, rngs=rngs)
+
+    def __call__(self, h_btd, emb_btd, positions_bt):
+        merged = jnp.concatenate([self.h_norm(h_btd), self.e_norm(emb_btd)], axis=-1)
+        x_btd = merged @ self.w_merge[...].astype(h_btd.dtype)
+        return self.block(x_btd, positions_bt)[0]
 
 
 class Transformer(nnx.Module):
@@ -59,24 +91,42 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         self.embed = Embed(m.vocab_size, m.d_model, rngs=rngs)
         moe_layers = set(moe_layer_indices(cfg))
-        self.blocks = nnx.List([Block(cfg, i in moe_layers, rngs=rngs) for i in range(m.num_layers)])
+        # RMoE: one GRU carries routing state through all MoE layers.
+        self.router_gru = (GRU(cfg.moe.recurrent_dim, cfg.moe.recurrent_dim, rngs=rngs)
+                           if moe_layers and cfg.moe.router == "recurrent" else None)
+        self.blocks = nnx.List([Block(cfg, i in moe_layers, shared_gru=self.router_gru, rngs=rngs)
+                                for i in range(m.num_layers)])
         self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps)
         self.unembed = None if m.tie_embeddings else param(
             rngs, (m.d_model, m.vocab_size), ("embed", "vocab"))
+        self.mtp = nnx.List([MTPModule(cfg, rngs=rngs) for _ in range(m.mtp_layers)])
 
-    def __call__(self, tokens_bt):
-        dtype = jnp.dtype(self.cfg.model.dtype)
-        positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
-        x_btd = constrain(self.embed(tokens_bt, dtype), ("batch", "seq", "embed"))
-        auxes = []
-        for block in self.blocks:
-            x_btd, aux = block(x_btd, positions_bt)
-            if aux is not None:
-                auxes.append(aux)
+    def logits(self, x_btd):
+        """The shared output head: final norm, then unembedding, in float32."""
         x_btd = self.final_norm(x_btd)
         if self.unembed is None:
             logits_btv = self.embed.attend(x_btd)
         else:
-            logits_btv = x_btd @ self.unembed[...].astype(dtype)
+            logits_btv = x_btd @ self.unembed[...].astype(x_btd.dtype)
+        return logits_btv.astype(jnp.float32)
+
+    def __call__(self, tokens_bt, mtp_tokens_bt=None):
+        dtype = jnp.dtype(self.cfg.model.dtype)
+        positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+        x_btd = constrain(self.embed(tokens_bt, dtype), ("batch", "seq", "embed"))
+        auxes, state = [], {}
+        for block in self.blocks:
+            x_btd, aux, state = block(x_btd, positions_bt, state)
+            if aux is not None:
+                auxes.append(aux)
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *auxes) if auxes else None
-        return logits_btv.astype(jnp.float32), stacked
+        if mtp_tokens_bt is None:
+            return self.logits(x_btd), stacked
+        mtp_logits, h_btd = [], x_btd
+        for j, module in enumerate(self.mtp):
+            # token t+j+1 sits at position t of mtp_tokens shifted by j; the tail wraps and
+            # is masked out of the loss.
+            next_bt = jnp.roll(mtp_tokens_bt, -j, axis=1)
+            h_btd = module(h_btd, self.embed(next_bt, dtype), positions_bt)
+            mtp_logits.append(self.logits(h_btd))
+        return self.logits(x_btd), stacked, (jnp.stack(mtp_logits) if mtp_logits else None)

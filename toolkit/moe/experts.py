@@ -4,8 +4,13 @@ Experts only compute. They take rows already grouped by dispatch, one problem pe
 dispatch group, either ragged (`[G, R, d]` with `group_sizes [G, E]`) or padded
 (`[G, E, C, d]`), and return the same layout:
 
-    h = silu(x W_gate[e]) * (x W_up[e])       # one gmm over [W_gate | W_up]
+    h = act(x W_gate[e]) * (x W_up[e])        # one gmm over [W_gate | W_up]
     y = h W_down[e]                           # second gmm
+
+with `act` silu (SwiGLU) or relu (ReGLU, SmallThinker). ReGLU makes many entries of `h`
+exactly zero, and an inference engine can skip the matching rows of W_down; the experts
+report that share. Experts of two widths (big and small) are two grouped matmuls, each over
+its own range of expert ids.
 
 Under a mesh the dispatch groups are sharded like the batch, so the experts run inside
 `shard_map`: each device multiplies its own groups' rows, with the weights gathered over
@@ -26,48 +31,100 @@ from toolkit.models.layers import param
 from toolkit.sharding.rules import logical_to_spec
 
 
-def _swiglu_experts(xs, group_sizes, w_gate, w_up, w_down, *, impl, tensor_axis):
-    """The experts on local arrays: xs `[G, R, d]` (or `[G, E, C, d]`), weights `[E, ...]`."""
-    d_expert = w_gate.shape[-1]
-    h = gmm(xs, jnp.concatenate([w_gate, w_up], axis=-1), group_sizes, impl=impl)
-    act = jax.nn.silu(h[..., :d_expert]) * h[..., d_expert:]
-    y = gmm(act, w_down, group_sizes, impl=impl)
-    return jax.lax.psum(y, tensor_axis) if tensor_axis else y
+_ACTIVATIONS = {"swiglu": jax.nn.silu, "reglu": jax.nn.relu}
+
+
+def _rows_of(xs, group_sizes, offset: int, count: int):
+    """bool mask over the rows of `xs` that experts [offset, offset + count) compute."""
+    if xs.ndim == 4:                                     # padded [G, E, C, d]
+        c = jnp.arange(xs.shape[2])
+        return c[None, None, :] < group_sizes[:, offset:offset + count, None]
+    ends = jnp.cumsum(group_sizes, axis=-1)              # ragged [G, R, d]
+    start = ends[:, offset - 1] if offset else jnp.zeros_like(ends[:, 0])
+    r = jnp.arange(xs.shape[1])
+    return (r[None, :] >= start[:, None]) & (r[None, :] < ends[:, offset + count - 1, None])
+
+
+def _gated_experts(xs, group_sizes, weights, *, kinds, activation, impl, tensor_axis):
+    """The experts on local arrays: xs `[G, R, d]` (or `[G, E, C, d]`), weights per kind.
+
+    `kinds` lists (first expert id, count) per width class (big, then small experts);
+    `weights` holds (w_gate, w_up, w_down) for each. Returns the output and, per group,
+    the number of hidden activations that are exactly zero and of all computed ones.
+    """
+    act_fn = _ACTIVATIONS[activation]
+    y, zeros_g, total_g = 0.0, 0.0, 0.0
+    for (offset, count), (w_gate, w_up, w_down) in zip(kinds, weights, strict=True):
+        d_expert = w_gate.shape[-1]
+        if xs.ndim == 4:                                 # padded: this kind's slice of E
+            x_k, sizes, kw = xs[:, offset:offset + count], group_sizes[:, offset:offset + count], {}
+        else:                                            # ragged: an expert shard of the rows
+            x_k, sizes = xs, group_sizes
+            kw = {"group_offset": offset} if len(kinds) > 1 else {}
+        h = gmm(x_k, jnp.concatenate([w_gate, w_up], axis=-1), sizes, impl=impl, **kw)
+        act = act_fn(h[..., :d_expert]) * h[..., d_expert:]
+        out = gmm(act, w_down, sizes, impl=impl, **kw)
+        y = jnp.concatenate([y, out], axis=1) if xs.ndim == 4 and offset else y + out
+        rows = _rows_of(xs, group_sizes, offset, count)
+        zero_rows = jnp.sum(jax.lax.stop_gradient(act) == 0, axis=-1)
+        axes = tuple(range(1, rows.ndim))
+        zeros_g = zeros_g + jnp.sum(jnp.where(rows, zero_rows, 0), axis=axes).astype(jnp.float32)
+        total_g = total_g + jnp.sum(rows, axis=axes).astype(jnp.float32) * d_expert
+    if tensor_axis:
+        y, zeros_g, total_g = jax.lax.psum((y, zeros_g, total_g), tensor_axis)
+    return y, zeros_g, total_g
+
+
+def _expert_weights(rngs, n: int, d_model: int, d_expert: int) -> tuple:
+    names = ("expert", "embed", "mlp"), ("expert", "mlp", "embed")
+    return (param(rngs, (n, d_model, d_expert), names[0], fan_in=d_model),
+            param(rngs, (n, d_model, d_expert), names[0], fan_in=d_model),
+            param(rngs, (n, d_expert, d_model), names[1], fan_in=d_expert))
 
 
 class Experts(nnx.Module):
-    def __init__(self, num_experts: int, d_model: int, d_expert: int, *, gmm_impl: str = "",
+    """`num_experts` gated FFN experts of width `d_expert`, then `small_experts` of width
+    `d_small_expert` (Duo-LLM's big and small experts), ids in that order. Each width class
+    is one grouped matmul over its own expert shard of the rows (`gmm(group_offset=...)`)."""
+
+    def __init__(self, num_experts: int, d_model: int, d_expert: int, *, small_experts: int = 0,
+                 d_small_expert: int = 0, activation: str = "swiglu", gmm_impl: str = "",
                  rngs: nnx.Rngs):
         """`gmm_impl`: a `pallas_kernels.GMM_IMPLS` backend, or "" for the platform's best."""
-        self.w_gate = param(rngs, (num_experts, d_model, d_expert), ("expert", "embed", "mlp"),
-                            fan_in=d_model)
-        self.w_up = param(rngs, (num_experts, d_model, d_expert), ("expert", "embed", "mlp"),
-                          fan_in=d_model)
-        self.w_down = param(rngs, (num_experts, d_expert, d_model), ("expert", "mlp", "embed"),
-                            fan_in=d_expert)
-        self.d_expert = d_expert
+        self.w_gate, self.w_up, self.w_down = _expert_weights(rngs, num_experts, d_model, d_expert)
+        self.small = (nnx.List(_expert_weights(rngs, small_experts, d_model, d_small_expert))
+                      if small_experts else None)
+        self.kinds = ((0, num_experts),) + (((num_experts, small_experts),) if small_experts else ())
+        self.d_expert, self.activation = d_expert, activation
         self.gmm_impl = gmm_impl or None
 
     def __call__(self, xs, group_sizes):
-        """xs `[G, R, d]` with group_sizes `[G, E]` (or padded `[G, E, C, d]`)."""
+        """xs `[G, R, d]` with group_sizes `[G, E]` (or padded `[G, E, C, d]`).
+
+        Returns the outputs in the same layout and the share of hidden activations that are
+        exactly zero over the computed rows (ReGLU's activation sparsity).
+        """
         dt = xs.dtype
-        weights = (self.w_gate[...].astype(dt), self.w_up[...].astype(dt),
-                   self.w_down[...].astype(dt))
+        weights = [(self.w_gate, self.w_up, self.w_down)] + ([tuple(self.small)] if self.small else [])
+        weights = [tuple(w[...].astype(dt) for w in kind) for kind in weights]
+        local_fn = functools.partial(_gated_experts, kinds=self.kinds, activation=self.activation,
+                                     impl=self.gmm_impl)
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty or mesh.size == 1:
-            return _swiglu_experts(xs, group_sizes, *weights, impl=self.gmm_impl, tensor_axis=None)
-        batch, mlp = logical_to_spec(("batch",))[0], logical_to_spec(("mlp",))[0]
-        batch_axes = (batch,) if isinstance(batch, str) else tuple(batch or ())
-        shards = 1
-        for a in batch_axes:
-            shards *= mesh.shape[a]
-        if xs.shape[0] % shards:
-            batch = None  # groups that do not split over the batch shards: every device runs all
-        tensor = mlp if mlp and mesh.shape[mlp] > 1 else None
-        # local shapes: xs [G / shards, R, d]; w_gate, w_up [E, d, d_e / T]; w_down [E, d_e / T, d]
-        local = jax.shard_map(
-            functools.partial(_swiglu_experts, impl=self.gmm_impl, tensor_axis=tensor),
-            in_specs=(P(batch), P(batch), P(None, None, tensor), P(None, None, tensor),
-                      P(None, tensor, None)),
-            out_specs=P(batch), check_vma=False)
-        return local(xs, group_sizes, *weights)
+            y, zeros, total = local_fn(xs, group_sizes, weights, tensor_axis=None)
+        else:
+            batch, mlp = logical_to_spec(("batch",))[0], logical_to_spec(("mlp",))[0]
+            batch_axes = (batch,) if isinstance(batch, str) else tuple(batch or ())
+            shards = 1
+            for a in batch_axes:
+                shards *= mesh.shape[a]
+            if xs.shape[0] % shards:
+                batch = None  # groups that do not split over the batch shards: all devices run all
+            tensor = mlp if mlp and mesh.shape[mlp] > 1 else None
+            w_spec = (P(None, None, tensor), P(None, None, tensor), P(None, tensor, None))
+            # local shapes: xs [G / shards, R, d]; w_gate, w_up [E, d, d_e / T]; w_down [E, d_e / T, d]
+            y, zeros, total = jax.shard_map(
+                functools.partial(local_fn, tensor_axis=tensor),
+                in_specs=(P(batch), P(batch), [w_spec] * len(weights)),
+                out_specs=(P(batch), P(batch), P(batch)), check_vma=False)(xs, group_sizes, weights)
+        return y, jnp.sum(zeros) / jnp.maximum(jnp.sum(total), 1.0)

@@ -6,12 +6,17 @@
 * Router z-loss (ST-MoE, Zoph et al. 2022): `mean_t logsumexp(logits_t)^2`, keeping logits
   small so the softmax stays numerically tame.
 * Entropy: mean per-token entropy of the router distribution, in nats.
+* Tsallis (DynMoLE): mean normalised Tsallis entropy of the router distribution, in [0, 1].
+
+MoE++ weighs each expert's balance term by eta_i (`load_balance_loss(..., eta_e)`): tau for
+zero-computation experts, 1 for FFN experts, so a small tau makes cheap experts cheaper
+to load. With every eta 1 it is the Switch loss.
 """
 
 import jax
 import jax.numpy as jnp
 
-from toolkit.moe.router import Routing
+from toolkit.moe.router import Routing, tsallis_entropy
 
 
 def expert_counts(routing: Routing, num_experts: int) -> jax.Array:
@@ -20,11 +25,13 @@ def expert_counts(routing: Routing, num_experts: int) -> jax.Array:
     return jnp.sum(onehot_tke * routing.valid[..., None], axis=(0, 1))
 
 
-def load_balance_loss(routing: Routing, num_experts: int) -> jax.Array:
+def load_balance_loss(routing: Routing, num_experts: int, eta_e=None) -> jax.Array:
+    """`E * sum_i eta_i f_i P_i` over the tokens of `routing` (eta = 1 by default)."""
     counts_e = expert_counts(routing, num_experts)
     f_e = counts_e / jnp.maximum(jnp.sum(counts_e), 1.0)
     p_e = jnp.mean(routing.probs, axis=0)
-    return num_experts * jnp.sum(f_e * p_e)
+    terms_e = f_e * p_e if eta_e is None else eta_e * f_e * p_e
+    return num_experts * jnp.sum(terms_e)
 
 
 def z_loss(routing: Routing) -> jax.Array:
@@ -34,3 +41,7 @@ def z_loss(routing: Routing) -> jax.Array:
 def router_entropy(routing: Routing) -> jax.Array:
     p = routing.probs
     return jnp.mean(-jnp.sum(p * jnp.log(jnp.maximum(p, 1e-20)), axis=-1))
+
+
+def tsallis_loss(routing: Routing, q: float) -> jax.Array:
+    return jnp.mean(tsallis_entropy(routing.probs, q))

@@ -3,7 +3,12 @@
 The loss is next-token cross-entropy plus the weighted router losses summed over MoE
 layers (each layer balances its own experts, as in Switch and GShard):
 
-    loss = CE + moe.aux_loss_weight * sum_l LB_l + moe.z_loss_weight * sum_l Z_l
+    loss = CE + moe.aux_loss_weight * sum_l LB_l + moe.seq_aux_loss_weight * sum_l SeqLB_l
+              + moe.z_loss_weight * sum_l Z_l + moe.entropy_loss_weight * sum_l H_l
+              + moe.tsallis_loss_weight * sum_l S_q,l + model.mtp_loss_weight * mean_j MTP_j
+
+Each term is logged on its own. The aux-loss-free bias of `sigmoid_bias` routers moves
+after the optimizer step, outside it (`update_router_biases`).
 
 Steps are pure functions of `(state, batch)` compiled once per config with explicit
 shardings, so the same code runs on one device or a mesh:
@@ -78,19 +83,48 @@ def abstract_state(cfg: Config, mesh):
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def mtp_loss(mtp_logits_jbtv, targets_bt):
+    """Mean CE of MTP depth j against token t+j+2 (`targets` shifted by j+1), per depth [J];
+    the last j+1 positions have no such token and are left out."""
+    s = targets_bt.shape[1]
+    out = []
+    for j in range(mtp_logits_jbtv.shape[0]):
+        shifted_bt = jnp.roll(targets_bt, -(j + 1), axis=1)
+        ce_bt = optax.softmax_cross_entropy_with_integer_labels(mtp_logits_jbtv[j], shifted_bt)
+        mask_t = (jnp.arange(s) < s - j - 1).astype(jnp.float32)
+        out.append(jnp.sum(ce_bt * mask_t) / (mask_t.sum() * targets_bt.shape[0]))
+    return jnp.stack(out)
+
+
+ROUTER_LOSSES = (("aux_loss_weight", "load_balance_loss"), ("seq_aux_loss_weight", "seq_balance_loss"),
+                 ("z_loss_weight", "z_loss"), ("entropy_loss_weight", "entropy"),
+                 ("tsallis_loss_weight", "tsallis_entropy"))
+"""(MoEConfig weight, MoEAux field) of each router loss."""
+
+
 def loss_fn(model, batch, cfg: Config):
-    """Mean CE plus weighted router losses; returns (loss, metrics)."""
-    logits_btv, aux = model(batch["tokens"])
+    """Mean CE plus weighted router and MTP losses; returns (loss, metrics)."""
+    if cfg.model.mtp_layers:
+        logits_btv, aux, mtp_logits = model(batch["tokens"], mtp_tokens_bt=batch["targets"])
+    else:
+        (logits_btv, aux), mtp_logits = model(batch["tokens"]), None
     ce = optax.softmax_cross_entropy_with_integer_labels(logits_btv, batch["targets"]).mean()
     metrics = {"ce": ce}
     loss = ce
     if aux is not None:
-        lb, z = jnp.sum(aux.load_balance_loss), jnp.sum(aux.z_loss)
-        loss = (loss + cfg.moe.aux_loss_weight * lb + cfg.moe.z_loss_weight * z
-                + cfg.moe.entropy_loss_weight * jnp.sum(aux.entropy))
+        for weight, field in ROUTER_LOSSES:
+            if getattr(cfg.moe, weight):
+                loss = loss + getattr(cfg.moe, weight) * jnp.sum(getattr(aux, field))
         metrics.update(load_balance_loss=aux.load_balance_loss, z_loss=aux.z_loss,
-                       expert_counts=aux.expert_counts, dropped_fraction=aux.dropped_fraction,
-                       router_entropy=aux.entropy, experts_per_token=aux.experts_per_token)
+                       seq_balance_loss=aux.seq_balance_loss, expert_counts=aux.expert_counts,
+                       computed_counts=aux.computed_counts, dropped_fraction=aux.dropped_fraction,
+                       router_entropy=aux.entropy, tsallis_entropy=aux.tsallis_entropy,
+                       experts_per_token=aux.experts_per_token,
+                       activation_zeros=aux.activation_zeros)
+    if mtp_logits is not None:
+        mtp_ce_j = mtp_loss(mtp_logits, batch["targets"])
+        loss = loss + cfg.model.mtp_loss_weight * jnp.mean(mtp_ce_j)
+        metrics["mtp_ce"] = mtp_ce_j
     metrics["loss"] = loss
     return loss, metrics
 
@@ -132,13 +166,16 @@ def make_eval_step(cfg: Config, graphdef, mesh, state, num_domains: int):
     """Jitted `(state, batch) -> sums`: CE nats, byte targets, and per-domain expert counts.
 
     Returns `{"nats": [D], "byte_nats": [D], "bytes": [D], "tokens": [D], "domain_counts":
-    [L, D, E]}` summed over the batch, so callers can add batches and divide once. Bits per
+    [L, D, E], "affinity_counts": [L-1, E, E]}` summed over the batch, so callers can add
+    batches and divide once; `affinity_counts[l, i, j]` counts tokens that chose expert i at
+    MoE layer l and expert j at layer l+1. Bits per
     byte count byte targets only (BOS/EOS excluded), like the unigram baseline.
     """
     state_sh = jax.tree.map(lambda x: x.sharding, state)
 
     def step(state, batch):
         model, _ = nnx.merge(graphdef, state)
+        model.eval()                                   # no router jitter
         logits_btv, aux = model(batch["tokens"])
         ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, batch["targets"])
         dom_btd = jax.nn.one_hot(batch["domain"], num_domains, dtype=jnp.float32)
@@ -148,8 +185,10 @@ def make_eval_step(cfg: Config, graphdef, mesh, state, num_domains: int):
                "bytes": jnp.einsum("bt,btd->d", is_byte_bt, dom_btd),
                "tokens": jnp.sum(dom_btd, axis=(0, 1))}
         if aux is not None:
-            ids_onehot = jax.nn.one_hot(aux.expert_ids, cfg.moe.num_experts, dtype=jnp.float32)
+            ids_onehot = jax.nn.one_hot(aux.expert_ids, cfg.moe.num_routed, dtype=jnp.float32)
             out["domain_counts"] = jnp.einsum("lbtke,btd->lde", ids_onehot, dom_btd)
+            chosen_lbte = jnp.minimum(jnp.sum(ids_onehot, axis=3), 1.0)
+            out["affinity_counts"] = jnp.einsum("lbti,lbtj->lij", chosen_lbte[:-1], chosen_lbte[1:])
         return out
 
     return jax.jit(step, in_shardings=(state_sh, batch_sharding(mesh)))
