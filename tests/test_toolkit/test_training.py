@@ -72,10 +72,16 @@ def test_run_writes_every_artifact(tmp_path):
     assert np.allclose(np.sum(summary["expert_load"], -1), 1.0)
     assert summary["drop_rate"] == [0.0, 0.0]
     report = (tmp_path / "report.md").read_text()
-    assert "bits per byte" in report and "| prose |" in report and "specialization" in report
+    assert "bits per byte" in report and "| prose |" in report and "I(domain; expert)" in report
     rec = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
-    assert {"loss", "ce", "load_balance_loss", "z_loss", "expert_counts", "drop_rate",
-            "router_entropy", "tokens_per_s", "lr", "grad_norm"} <= set(rec)
+    assert {"loss", "ce", "load_balance_loss", "seq_balance_loss", "z_loss", "router_entropy",
+            "tsallis_entropy", "expert_counts", "computed_counts", "drop_rate",
+            "experts_per_token", "activation_zeros", "tokens_per_s", "lr", "grad_norm"} <= set(rec)
+    # the routing record, summarised: per layer CV, FLOPs spent, affinity between layers
+    assert np.array(summary["affinity"]).shape == (1, 4, 4)
+    assert np.allclose(np.sum(summary["affinity"], -1), 1.0)
+    assert len(summary["load_cv"]) == len(summary["ffn_flops_per_token"]) == 2
+    assert summary["experts_per_token"] == [2.0, 2.0]
 
 
 def test_capacity_run_reports_drops():

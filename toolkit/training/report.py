@@ -27,17 +27,21 @@ def render_report(s: dict, *, with_plots: bool = False) -> str:
         lines += ["", "## Experts per MoE layer", "",
                   "Load is the share of routed assignments per expert over the last 10% of steps "
                   "(at least 10); "
-                  "imbalance is max/mean (1.0 is balanced).", "",
-                  "| layer | load per expert | imbalance | drop rate | router entropy (nats) |",
-                  "|---|---|---|---|---|"]
+                  "imbalance is max/mean (1.0 is balanced), CV is std/mean; FFN MFLOP/token counts "
+                  "the experts actually computed.", "",
+                  "| layer | load per expert | imbalance | CV | drop rate | experts/token | "
+                  "FFN MFLOP/token | router entropy (nats) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for i, layer in enumerate(s["moe_layers"]):
             load = " ".join(f"{x:.2f}" for x in s["expert_load"][i])
             lines.append(f"| {layer} | {load} | {s['load_imbalance'][i]:.2f} | "
-                         f"{s['drop_rate'][i]:.3f} | {s['router_entropy'][i]:.2f} |")
+                         f"{s['load_cv'][i]:.3f} | {s['drop_rate'][i]:.3f} | "
+                         f"{s['experts_per_token'][i]:.2f} | {s['ffn_flops_per_token'][i] / 1e6:.3f} | "
+                         f"{s['router_entropy'][i]:.2f} |")
         lines += ["", "## Which experts the domains prefer (validation tokens)", "",
-                  "Top experts by lift (domain share / overall share); specialization is the "
-                  "Jensen-Shannon divergence between domains' expert distributions, in bits.", "",
-                  "| layer | " + " | ".join(s["domains"]) + " | specialization (bits) |",
+                  "Top experts by lift (domain share / overall share); I(domain; expert) is the "
+                  "mutual information between domain and chosen expert, in bits.", "",
+                  "| layer | " + " | ".join(s["domains"]) + " | I(domain; expert) bits |",
                   "|---|" + "---|" * (len(s["domains"]) + 1)]
         for i, layer in enumerate(s["moe_layers"]):
             cells = []
@@ -45,7 +49,7 @@ def render_report(s: dict, *, with_plots: bool = False) -> str:
                 p = s["domain_preferences"][i][dom]
                 cells.append(", ".join(f"e{e} ({p['lift'][e]:.2f}x)" for e in p["top_experts"]))
             lines.append(f"| {layer} | " + " | ".join(cells) +
-                         f" | {s['domain_specialization'][i]:.3f} |")
+                         f" | {s['domain_mutual_information'][i]:.3f} |")
     if with_plots:
         names = ["loss.png"] + (["expert_load.png", "domain_preference.png"] if s.get("expert_load") else [])
         lines += ["", "Plots: " + ", ".join(f"`{n}`" for n in names) + "."]

@@ -23,8 +23,12 @@ import numpy as np
 
 from toolkit.analysis import (
     count_params,
+    domain_mutual_information,
     domain_preferences,
-    domain_specialization,
+    flops_per_token,
+    inter_layer_affinity,
+    inter_layer_mutual_information,
+    load_cv,
     load_fractions,
     load_imbalance,
 )
@@ -50,6 +54,15 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+# (record key, step metric) of the per-layer router metrics logged each step
+_ROUTER_METRICS = (("load_balance_loss", "load_balance_loss"), ("seq_balance_loss", "seq_balance_loss"),
+                   ("z_loss", "z_loss"), ("drop_rate", "dropped_fraction"),
+                   ("router_entropy", "router_entropy"), ("tsallis_entropy", "tsallis_entropy"),
+                   ("experts_per_token", "experts_per_token"),
+                   ("activation_zeros", "activation_zeros"), ("expert_counts", "expert_counts"),
+                   ("computed_counts", "computed_counts"))
 
 
 def _flat(cfg: Config):
@@ -168,11 +181,9 @@ class Trainer:
                "grad_norm": float(m["grad_norm"]), "lr": learning_rate(self.cfg, self.step_num - 1),
                "tokens_per_s": self.cfg.train.batch_size * self.cfg.model.seq_len / dt}
         if "expert_counts" in m:
-            rec.update(load_balance_loss=m["load_balance_loss"].tolist(),
-                       z_loss=m["z_loss"].tolist(), drop_rate=m["dropped_fraction"].tolist(),
-                       router_entropy=m["router_entropy"].tolist(),
-                       experts_per_token=m["experts_per_token"].tolist(),
-                       expert_counts=m["expert_counts"].tolist())
+            rec.update({key: m[name].tolist() for key, name in _ROUTER_METRICS})
+        if "mtp_ce" in m:
+            rec["mtp_ce"] = m["mtp_ce"].tolist()
         self.history.append(rec)
         if self.step_num % self.cfg.train.log_every == 0 or self.step_num == self.cfg.train.steps:
             self._log(rec)
@@ -193,6 +204,7 @@ class Trainer:
                "val_loss_all": float(sums["nats"].sum() / sums["tokens"].sum())}
         if "domain_counts" in sums:
             rec["domain_counts"] = sums["domain_counts"].tolist()
+            rec["affinity_counts"] = sums["affinity_counts"].tolist()
         self.val_history.append(rec)
         self._log(rec)
         return rec
@@ -270,14 +282,26 @@ class Trainer:
         if self.moe_layers and hist:
             tail = hist[-max(10, len(hist) // 10):]
             counts_le = np.sum([h["expert_counts"] for h in tail], axis=0)
-            s.update(expert_counts=counts_le.tolist(),
+            computed_le = np.sum([h.get("computed_counts", h["expert_counts"]) for h in tail], axis=0)
+            tokens = len(tail) * cfg.train.batch_size * cfg.model.seq_len
+            mean = lambda key: np.mean([h.get(key, np.zeros(len(self.moe_layers))) for h in tail],
+                                       axis=0).tolist()
+            s.update(expert_counts=counts_le.tolist(), computed_counts=computed_le.tolist(),
+                     tokens_counted=tokens,
                      expert_load=load_fractions(counts_le).tolist(),
                      load_imbalance=load_imbalance(counts_le).tolist(),
-                     drop_rate=np.mean([h["drop_rate"] for h in tail], axis=0).tolist(),
-                     router_entropy=np.mean([h["router_entropy"] for h in tail], axis=0).tolist(),
+                     load_cv=load_cv(counts_le).tolist(),
+                     drop_rate=mean("drop_rate"), router_entropy=mean("router_entropy"),
+                     experts_per_token=mean("experts_per_token"),
+                     activation_zeros=mean("activation_zeros"),
+                     ffn_flops_per_token=flops_per_token(cfg, computed_le, tokens).tolist(),
                      domain_counts=val["domain_counts"],
                      domain_preferences=domain_preferences(val["domain_counts"], self.corpus.domains),
-                     domain_specialization=domain_specialization(val["domain_counts"]).tolist())
+                     domain_mutual_information=domain_mutual_information(
+                         val["domain_counts"]).tolist(),
+                     affinity=inter_layer_affinity(val["affinity_counts"]).tolist(),
+                     inter_layer_mutual_information=inter_layer_mutual_information(
+                         val["affinity_counts"]).tolist())
         return s
 
     def finish(self) -> dict:
