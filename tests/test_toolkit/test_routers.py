@@ -10,7 +10,10 @@ from conftest import micro
 from flax import nnx
 
 from toolkit.config import ConfigError, MoEConfig, apply_overrides, tiny, validate
+from toolkit.models.transformer import Transformer
 from toolkit.moe import RouterBias, SigmoidBiasRouter, make_router, update_bias
+from toolkit.moe.recurrent import GRU
+from toolkit.moe.router import tsallis_entropy
 from toolkit.training import Trainer
 
 
@@ -137,3 +140,90 @@ def test_expert_choice_trains_through_the_layer(tmp_path):
     rec = trainer.train_step()
     assert np.isfinite(rec["loss"]) and rec["drop_rate"] == [0.0, 0.0]
     np.testing.assert_allclose(rec["experts_per_token"], 2.0)  # top_k on average, exactly
+
+
+def test_tsallis_entropy_tends_to_shannon_and_is_one_at_uniform():
+    p = jax.nn.softmax(jax.random.normal(jax.random.key(5), (6, 8)) * 2, -1)
+    shannon = -jnp.sum(p * jnp.log(p), -1)
+    for q, tol in ((1.1, 0.2), (1.01, 0.02), (1.0001, 2e-4)):
+        np.testing.assert_allclose(tsallis_entropy(p, q, normalize=False), shannon, atol=tol)
+    np.testing.assert_allclose(tsallis_entropy(jnp.full((1, 8), 1 / 8), 1.1), [1.0], rtol=1e-6)
+    np.testing.assert_allclose(tsallis_entropy(jnp.eye(8)[:1], 1.1), [0.0], atol=1e-7)
+
+
+def test_tsallis_router_activates_all_experts_when_unsure_and_keeps_top_k():
+    cfg = MoEConfig(num_experts=8, top_k=2, router="tsallis", top_p=0.75, tsallis_q=1.1,
+                    tsallis_threshold=0.9, renormalize=False)
+    router = make_router(8, cfg, rngs=nnx.Rngs(0))
+    router.w_de[...] = jnp.eye(8)
+    x_td = jnp.stack([jnp.zeros(8),                      # uniform: S = 1 > 0.9, all experts
+                      12.0 * jnp.eye(8)[3],               # sure: top-p keeps 1, top_k keeps 2
+                      jnp.array([3.0, 3.0, 3.0, 0, 0, 0, 0, 0])])  # three of ~0.32: p <= 0.75 keeps 2
+    r = router(x_td)
+    np.testing.assert_array_equal(jnp.sum(r.valid, -1), [8, 2, 2])
+    assert int(r.expert_ids[1, 0]) == 3
+    np.testing.assert_allclose(r.weights, jnp.where(r.valid, jnp.take_along_axis(
+        r.probs, r.expert_ids, -1), 0.0))  # not renormalised, as in DynMoLE
+
+
+def _all_experts_share(tmp_path, name, weight):
+    cfg = micro(moe={"router": "tsallis", "top_k": 1, "top_p": 0.5, "tsallis_threshold": 0.9,
+                     "tsallis_loss_weight": weight}, train={"steps": 12, "learning_rate": 1e-2})
+    trainer = Trainer(cfg, out_dir=tmp_path / name, devices=jax.devices()[:1], progress=False)
+    recs = [trainer.train_step() for _ in range(cfg.train.steps)]
+    return np.mean(recs[-1]["experts_per_token"]), np.mean(recs[-1]["tsallis_entropy"])
+
+
+def test_tsallis_loss_lowers_entropy_and_the_experts_used(tmp_path):
+    free_k, free_s = _all_experts_share(tmp_path, "free", 0.0)
+    sharp_k, sharp_s = _all_experts_share(tmp_path, "sharp", 1.0)
+    assert sharp_s < free_s - 0.05 and sharp_k < free_k - 0.2, (free_k, free_s, sharp_k, sharp_s)
+
+
+def test_recurrent_router_gradients_reach_the_gru_from_every_layer():
+    """Three layers' routers sharing one GRU: the logits of each layer depend on the GRU, and
+    the last layer's logits reach the first layer's projection through the recurrence."""
+    cfg = MoEConfig(num_experts=4, top_k=2, router="recurrent", recurrent_dim=8)
+    gru = GRU(8, 8, rngs=nnx.Rngs(0))
+    routers = [make_router(16, cfg, shared_gru=gru, rngs=nnx.Rngs(i)) for i in range(3)]
+    xs = jax.random.normal(jax.random.key(6), (3, 5, 16))
+
+    def logits_of(layer, routers):
+        state = {}
+        for x, router in zip(xs[:layer + 1], routers[:layer + 1]):
+            routing = router(x, state)
+            state = routing.state
+        return jnp.sum(jnp.sin(routing.logits))
+
+    for layer in range(3):
+        grads = nnx.grad(logits_of, argnums=1)(layer, nnx.List(routers))
+        gru = grads[0].gru        # a shared module appears once, under its first owner
+        assert float(jnp.abs(gru.w_x[...]).sum()) > 0, layer
+        # h_0 = 0 gives U no gradient at the first layer; from the second on it has one
+        assert (float(jnp.abs(gru.w_h[...]).sum()) > 0) == (layer > 0), layer
+        first = float(jnp.abs(grads[0].w_dp[...]).sum())
+        assert first > 0, layer                      # layer 0's projection: via the recurrence
+    assert routers[0].gru is routers[2].gru
+
+
+def test_recurrent_router_layers_share_one_gru_in_the_model():
+    cfg = micro(moe={"router": "recurrent", "recurrent_dim": 8}, model={"num_layers": 3})
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    assert all(b.ffn.router.gru is model.router_gru for b in model.blocks)
+    tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
+    grads = nnx.grad(lambda m: jnp.sum(m(tokens)[0][:, -1, :3]))(model)
+    w_h = [v for path, v in nnx.to_flat_state(grads) if path[-1] == "w_h"]
+    assert len(w_h) == 1 and float(jnp.abs(w_h[0].get_value()).sum()) > 0  # one GRU, trained
+
+
+def test_router_jitter_only_in_training():
+    cfg = MoEConfig(num_experts=4, top_k=2, router_jitter=0.1)
+    router = make_router(16, cfg, rngs=nnx.Rngs(0))
+    x_td = jax.random.normal(jax.random.key(7), (32, 16))
+    clean = x_td @ router.w_de[...]
+    a, b = router(x_td).logits, router(x_td).logits
+    assert not np.allclose(a, b) and not np.allclose(a, clean)   # fresh noise every call
+    lo = ((x_td * 0.9) @ router.w_de[...]) - ((x_td * 1.1) @ router.w_de[...])
+    assert float(jnp.max(jnp.abs(a - clean))) <= float(jnp.max(jnp.abs(lo)))
+    router.eval()
+    np.testing.assert_allclose(router(x_td).logits, clean, rtol=1e-6)

@@ -236,16 +236,20 @@ class TopPRouter(Router):
 def tsallis_entropy(probs_te, q: float, *, normalize: bool = True):
     """[T] Tsallis entropy `(1 - sum_i p_i^q) / (q - 1)`; Shannon (nats) at q = 1.
 
-    `normalize` divides by its value at the uniform distribution, `(1 - E^(1-q)) / (q - 1)`
-    (log E at q = 1), giving 0 for a one-hot router and 1 for a uniform one.
+    Computed as `-sum_i p_i expm1((q - 1) log p_i) / (q - 1)` (equal, as sum_i p_i = 1), which
+    stays accurate in float32 as q -> 1. `normalize` divides by its value at the uniform
+    distribution, `(1 - E^(1-q)) / (q - 1)` (log E at q = 1): 0 for a one-hot router, 1 for
+    a uniform one.
     """
     p = jnp.maximum(probs_te, 0.0)
+    log_p = jnp.log(jnp.maximum(p, 1e-30))
     e = probs_te.shape[-1]
-    if abs(q - 1.0) < 1e-6:
-        s = -jnp.sum(p * jnp.log(jnp.maximum(p, 1e-20)), axis=-1)
-        return s / jnp.log(e) if normalize else s
-    s = (1.0 - jnp.sum(p ** q, axis=-1)) / (q - 1.0)
-    return s / ((1.0 - e ** (1.0 - q)) / (q - 1.0)) if normalize else s
+    if abs(q - 1.0) < 1e-12:
+        s, s_max = -jnp.sum(p * log_p, axis=-1), jnp.log(e)
+    else:
+        s = -jnp.sum(p * jnp.expm1((q - 1.0) * log_p), axis=-1) / (q - 1.0)
+        s_max = -jnp.expm1((1.0 - q) * jnp.log(e)) / (q - 1.0)
+    return s / s_max if normalize else s
 
 
 class TsallisRouter(Router):
