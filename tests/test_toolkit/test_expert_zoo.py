@@ -202,7 +202,7 @@ def test_sequence_level_balance_loss_sees_per_sequence_imbalance():
     x = jnp.zeros((2, 8, D)).at[0, :, 0].set(1.0).at[1, :, 0].set(-1.0)  # seq 0 -> e0, seq 1 -> e1
     _, aux, _ = layer(x)
     r = layer.router(x.reshape(-1, D))
-    per_seq = [float(load_balance_loss(jax.tree.map(lambda a: a[i * 8:(i + 1) * 8], r), 2))
+    per_seq = [float(load_balance_loss(jax.tree.map(lambda a, i=i: a[i * 8:(i + 1) * 8], r), 2))
                for i in range(2)]
     np.testing.assert_allclose(float(aux.seq_balance_loss), np.mean(per_seq), rtol=1e-6)
     assert float(aux.load_balance_loss) < 1.01 < 1.9 < float(aux.seq_balance_loss)

@@ -190,7 +190,7 @@ def test_recurrent_router_gradients_reach_the_gru_from_every_layer():
 
     def logits_of(layer, routers):
         state = {}
-        for x, router in zip(xs[:layer + 1], routers[:layer + 1]):
+        for x, router in zip(xs[:layer + 1], routers[:layer + 1], strict=True):
             routing = router(x, state)
             state = routing.state
         return jnp.sum(jnp.sin(routing.logits))

@@ -30,7 +30,6 @@ from pallas_kernels import gmm
 from toolkit.models.layers import param
 from toolkit.sharding.rules import logical_to_spec
 
-
 _ACTIVATIONS = {"swiglu": jax.nn.silu, "reglu": jax.nn.relu}
 
 
