@@ -8,6 +8,7 @@ the `python3` kernel, which jupyter_client starts with this interpreter (the ven
 """
 
 import base64
+import re
 from pathlib import Path
 
 import jupytext
@@ -26,6 +27,12 @@ DEVICES = 8
 EXTRA_OVERRIDES = ["model.num_layers=2", "train.batch_size=8", "model.seq_len=32",
                    "data.max_code_bytes=300000"]
 ''',
+    "02_routing_explorer": '''\
+STEPS = 4
+DEVICES = 8
+EXTRA_OVERRIDES = ["model.num_layers=2", "train.batch_size=8", "model.seq_len=32",
+                   "data.max_code_bytes=300000", "train.eval_batches=1"]
+''',
 }
 
 
@@ -42,18 +49,31 @@ def _outputs(nb, mime: str) -> list:
             for out in cell.outputs if mime in out.get("data", {})]
 
 
-@pytest.fixture(scope="module")
-def executed_01():
-    nb = _with_parameters(jupytext.read(NOTEBOOKS / "01_train_and_watch.py"), TINY["01_train_and_watch"])
+def _execute(name: str):
+    nb = _with_parameters(jupytext.read(NOTEBOOKS / f"{name}.py"), TINY[name])
     NotebookClient(nb, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
     return nb
 
 
+def _errors(nb) -> list:
+    return [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
+            if out.output_type == "error"]
+
+
+@pytest.fixture(scope="module")
+def executed_01():
+    return _execute("01_train_and_watch")
+
+
+@pytest.fixture(scope="module")
+def executed_02():
+    return _execute("02_routing_explorer")
+
+
 def test_01_train_and_watch_runs(executed_01):
     nb = executed_01
-    errors = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
-              if out.output_type == "error"]
+    errors = _errors(nb)
     assert not errors, errors
     pngs = _outputs(nb, "image/png")
     # live loss + live load, then final load + domain preference
@@ -64,11 +84,33 @@ def test_01_train_and_watch_runs(executed_01):
     assert "## Validation bits per byte" in markdown
     for dom in ("prose", "code"):
         assert f"| {dom} | " in markdown, f"no bits/byte row for {dom}"
-    assert "specialization (bits)" in markdown
+    assert "I(domain; expert) bits" in markdown
     text = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
                    for out in cell.outputs)
     assert "8 cpu devices" in text
     assert "6 steps" in text
+
+
+def test_02_routing_explorer_runs(executed_02):
+    nb = executed_02
+    errors = _errors(nb)
+    assert not errors, errors
+    pngs = _outputs(nb, "image/png")
+    # load over steps, drop rate + experts per token, experts-per-token histogram, affinity
+    assert len(pngs) >= 4, f"expected at least 4 PNG outputs, got {len(pngs)}"
+    assert all(base64.b64decode(p).startswith(b"\x89PNG") for p in pngs)
+    assert _outputs(nb, "application/vnd.jupyter.widget-view+json"), "the widget was not displayed"
+    html = "\n".join(_outputs(nb, "text/html"))
+    for dom in ("prose", "code"):
+        assert f"<b>{dom}: each byte on its top expert" in html, f"no coloured text for {dom}"
+    # 2 domains x 2 MoE layers x 32 bytes, each on a valid expert id of the top-p router
+    experts = [int(e) for e in re.findall(r'<span class="tok" data-expert="(-?\d+)"', html)]
+    assert len(experts) == 2 * 2 * 32 and all(0 <= e < 8 for e in experts)
+    markdown = "\n".join(_outputs(nb, "text/markdown"))
+    assert "step 4/4 of router top_p" in markdown
+    text = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
+                   for out in cell.outputs)
+    assert "8 cpu devices" in text and "the config is valid" in text and "moe.top_p = 0.5" in text
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in NOTEBOOKS.glob("*.py")))

@@ -20,6 +20,7 @@ import html
 import matplotlib.colors as mcolors
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from toolkit.analysis.routing import load_fractions
 from toolkit.data.tokenizer import BOS, EOS, PAD
@@ -47,7 +48,7 @@ def load_over_steps_heatmap(counts_sle, *, steps=None, layer_names=None, expert_
     steps = np.arange(1, s + 1) if steps is None else np.asarray(steps)
     layer_names = _names(layer_names, n_layers, "L")
     fig, axes = plt.subplots(n_layers, 1, figsize=(7, 0.22 * e * n_layers + 1.2), sharex=True,
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     extent = (steps[0] - 0.5, steps[-1] + 0.5, e - 0.5, -0.5)
     for layer, ax in enumerate(axes[:, 0]):
         im = ax.imshow(frac_sle[:, layer].T, aspect="auto", cmap="viridis", vmin=0,
@@ -57,6 +58,7 @@ def load_over_steps_heatmap(counts_sle, *, steps=None, layer_names=None, expert_
             ax.set_yticks(range(e), expert_names, fontsize=7)
     axes[0, 0].set_title(f"expert load per step (balanced: {1 / e:.3f})")
     axes[-1, 0].set_xlabel("step")
+    axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.colorbar(im, ax=axes[:, 0].tolist(), label="share of assignments")
     return fig
 
@@ -71,10 +73,12 @@ def routing_series(steps, drop_rate_sl, experts_per_token_sl, *, layer_names=Non
         ax_drop.plot(steps, drop_sl[:, layer], lw=1, label=name)
         ax_ept.plot(steps, ept_sl[:, layer], lw=1, label=name)
     ax_drop.set_title("drop rate (assignments without a slot)")
-    ax_drop.set_ylim(bottom=0)
+    top = max(0.05, 1.1 * drop_sl.max())
+    ax_drop.set_ylim(-0.02 * top, top)          # a rate of 0 stays visible above the axis
     ax_ept.set_title("experts per token (mean)")
     for ax in (ax_drop, ax_ept):
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     ax_ept.legend(loc="best", fontsize=8)
     fig.tight_layout()
@@ -105,7 +109,8 @@ def affinity_heatmap(p_lij, *, layer_names=None, expert_names=None):
     p_lij = _nonempty(p_lij, "p_lij", "[layers - 1, experts, experts] (two MoE layers or more)")
     pairs, e, _ = p_lij.shape
     layer_names = _names(layer_names, pairs + 1, "L")
-    fig, axes = plt.subplots(1, pairs, figsize=(3.6 * pairs + 1, 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, pairs, figsize=(3.6 * pairs + 1, 3.6), squeeze=False,
+                             layout="constrained")
     for pair, ax in enumerate(axes[0]):
         im = ax.imshow(p_lij[pair], cmap="magma", vmin=0, vmax=1, interpolation="nearest")
         ax.set_xlabel(f"expert at {layer_names[pair + 1]}")
@@ -119,12 +124,12 @@ def affinity_heatmap(p_lij, *, layer_names=None, expert_names=None):
 
 
 def expert_colors(num_experts: int) -> list:
-    """`num_experts` light background colours ('#rrggbb') that black text reads well on."""
-    if num_experts <= 10:
-        base = plt.get_cmap("tab10").colors[:num_experts]
-    elif num_experts <= 20:
-        tab20 = plt.get_cmap("tab20").colors
-        base = (tab20[0::2] + tab20[1::2])[:num_experts]
+    """`num_experts` light background colours ('#rrggbb') that black text reads well on:
+    the tab10 hues, then their light tab20 twins, then evenly spaced hues."""
+    tab20 = plt.get_cmap("tab20").colors      # its greys (14, 15) are left for "no expert"
+    palette = [c for i, c in enumerate(tab20[0::2] + tab20[1::2]) if i not in (7, 17)]
+    if num_experts <= len(palette):
+        base = palette[:num_experts]
     else:
         base = [plt.get_cmap("hsv")(i / num_experts)[:3] for i in range(num_experts)]
     return [mcolors.to_hex(0.55 * np.asarray(c) + 0.45) for c in base]

@@ -8,8 +8,8 @@ stays responsive while it trains, and Stop ends it after the step in flight.
     view = RoutingExplorerView(RoutingExplorer("tiny", overrides=["train.steps=100"]))
     display(view.widget)
     view.start(20); view.wait()                  # what the Train button does, then wait for it
-    display(figure_png(view.figure("load")))     # any view as a static figure
-    display(HTML(view.text_html()))
+    display(view.render("load"))                 # any view as a static picture (PNG)
+    display(view.render("text"))                 # the coloured bytes (HTML)
 """
 
 import html
@@ -17,6 +17,7 @@ import threading
 import traceback
 
 import ipywidgets as W
+from IPython.display import HTML, Markdown
 
 from toolkit.moe import ROUTERS
 from toolkit.viz import routing as rviz
@@ -106,6 +107,17 @@ class RoutingExplorerView:
             return rviz.affinity_heatmap(p_lij, layer_names=layers,
                                          expert_names=experts) if p_lij.size else None
         raise ValueError(f"figure {name!r} is unknown; use one of {FIGURES}")
+
+    def render(self, name: str):
+        """One view as a display object: a figure (`FIGURES`) as PNG, "text" as HTML, or a
+        line on why there is nothing to show yet."""
+        if name == "text":
+            return HTML(self.text_html())
+        fig = self.figure(name)
+        if fig is not None:
+            return figure_png(fig)
+        why = " (it needs two MoE layers or more)" if name == "affinity" else ""
+        return Markdown(f"*nothing to show for {name} yet: train a step or load a run{why}*")
 
     def text_html(self, rows: int | None = None) -> str:
         """The probed text of every domain, each byte coloured by its top expert per layer."""
