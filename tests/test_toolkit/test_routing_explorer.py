@@ -134,6 +134,17 @@ def test_a_bad_knob_is_a_message_in_the_state():
     assert "unknown config key" in RoutingExplorer(_cfg(), overrides=["moe.topk=2"], devices=ONE).error
 
 
+def test_view_without_a_run_says_so():
+    view = RoutingExplorerView(RoutingExplorer(_cfg(), devices=ONE))
+    assert all(view.figure(name) is None for name in FIGURES)
+    assert "train a step or load a run" in view.render("load").data
+    assert "two MoE layers" in view.render("affinity").data
+    assert "train a step or load a run" in view.render("text").data
+    assert "no run yet" in view.status.value and view.error.value == ""
+    with pytest.raises(ValueError, match="figure 'loss' is unknown"):
+        view.figure("loss")
+
+
 # -- the state: a run ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained():
