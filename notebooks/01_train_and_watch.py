@@ -143,10 +143,10 @@ print(f"{summary['steps']} steps, {summary['tokens_seen']:,} tokens, "
 #
 # **Which experts the domains prefer.** Counted on validation tokens. The *lift* of an expert for a
 # domain is the share of that domain's assignments the expert receives divided by its share of all
-# assignments: above 1 the domain prefers the expert, below 1 it avoids it. *Specialization* is the
-# Jensen-Shannon divergence between the two domains' distributions over experts, in bits: 0 when
-# prose and code are routed alike, up to 1 bit (log2 of the number of domains) when they use disjoint
-# experts.
+# assignments: above 1 the domain prefers the expert, below 1 it avoids it. *I(domain; expert)* is the
+# mutual information between a token's domain and the expert it chose, in bits (equal to the
+# Jensen-Shannon divergence between the two domains' distributions over experts): 0 when prose and
+# code are routed alike, up to 1 bit (log2 of the number of domains) when they use disjoint experts.
 
 # %%
 display(Markdown(render_report(summary)))
@@ -175,4 +175,4 @@ display(figure_png(plots.domain_preference_heatmap(summary["domain_counts"], sum
 #   dark and the imbalance grow;
 # * `["moe.dispatch=capacity", "moe.capacity_factor=1.0"]`: fixed expert capacity; the drop rate
 #   becomes positive whenever the load is uneven;
-# * `["moe.num_experts=16", "moe.top_k=1"]`: more, narrower choices; does specialization rise?
+# * `["moe.num_experts=16", "moe.top_k=1"]`: more, narrower choices; does I(domain; expert) rise?

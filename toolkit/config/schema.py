@@ -73,8 +73,9 @@ class MoEConfig:
         over the sequence, projected back to d_model (computed for every token, like
         attention, and weighed in only where routed).
       d_gru_expert: hidden width of a GRU expert.
-      zc_tau: MoE++ tau: the balance loss weighs the zero-computation (and GRU) experts' terms
-        by tau and the FFN experts' by 1; smaller tau sends more tokens to cheap experts.
+      zc_tau: MoE++ tau: the balance loss weighs the zero, copy and constant experts' terms by
+        tau and the others' by 1; smaller tau sends more tokens to the cheap experts (MoE++
+        uses 0.75 at 7B and sweeps 0.1 to 1).
       gating_residual: MoE++ gating residuals: add W_g (previous MoE layer's router logits)
         to this layer's logits.
       bigmac_ratio: BigMac (DCCA) when > 0: a shared down-projection to bigmac_ratio * d_model
