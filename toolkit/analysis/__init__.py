@@ -3,8 +3,10 @@
     total, active = count_params(cfg)
     imbalance_l = load_imbalance(summary["expert_counts"])
     flops_l = flops_per_token(cfg, summary["computed_counts"], summary["tokens_counted"])
+    table = summarize_collectives(parse_collectives(compiled.as_text()))   # bytes per kind
 """
 
+from toolkit.analysis.collectives import Collective, parse_collectives, summarize_collectives
 from toolkit.analysis.params import count_params
 from toolkit.analysis.routing import (
     dense_moe_flops,
@@ -20,7 +22,7 @@ from toolkit.analysis.routing import (
     load_imbalance,
 )
 
-__all__ = ["count_params", "dense_moe_flops", "domain_mutual_information", "domain_preferences",
-           "expert_flops", "experts_per_token_histogram", "flops_per_token",
+__all__ = ["Collective", "count_params", "dense_moe_flops", "domain_mutual_information",
+           "domain_preferences", "expert_flops", "experts_per_token_histogram", "flops_per_token",
            "inter_layer_affinity", "inter_layer_mutual_information", "load_cv", "load_fractions",
-           "load_imbalance"]
+           "load_imbalance", "parse_collectives", "summarize_collectives"]

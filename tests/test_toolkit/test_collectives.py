@@ -1,0 +1,63 @@
+"""Collectives read from compiled HLO: the parser on each spelling, and real train steps."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from toolkit.analysis import count_params
+from toolkit.analysis.collectives import Collective, parse_collectives, summarize_collectives
+from toolkit.config import apply_overrides, tiny, validate
+from toolkit.sharding.mesh import batch_sharding, make_mesh
+from toolkit.training.step import abstract_state, graphdef_of, make_train_step
+
+# lines as XLA prints them (cut short); the three spellings of replica groups, an async pair
+HLO = """
+  %all-gather.3 = f32[128,2,32]{2,1,0} all-gather(%param.192), channel_id=7, replica_groups=mesh['axis_0'=4,'axis_1'=1,'axis_3'=2], device_ids=([2,4]T(1,0)) {'axis_0'}, dimensions={0}
+  %all-reduce.1 = (f32[64]{0}, bf16[8,8]{1,0}) all-reduce(%a, %b), channel_id=2, replica_groups={{0,1},{2,3},{4,5},{6,7}}, to_apply=%add
+  %reduce-scatter = f32[16,4]{1,0} reduce-scatter(%g), channel_id=3, replica_groups=[2,4]<=[8], dimensions={0}
+  ROOT %all-to-all.9 = s32[8,16]{1,0} all-to-all(%x), channel_id=4, replica_groups=[1,8]<=[8], dimensions={0}
+  %all-gather-start = (f32[4]{0}, f32[16]{0}) all-gather-start(%p), channel_id=5, replica_groups=[2,4]<=[8], dimensions={0}
+  %all-gather-done = f32[16]{0} all-gather-done(%all-gather-start)
+  %add.1 = f32[16]{0} add(%all-gather-done, %all-gather-done)
+"""  # noqa: E501
+
+
+def test_parse_reads_each_spelling_of_shapes_and_groups():
+    ops = parse_collectives(HLO)
+    assert [(o.kind, o.result_bytes, o.group_size) for o in ops] == [
+        ("all-gather", 128 * 2 * 32 * 4, 4),
+        ("all-reduce", 64 * 4 + 8 * 8 * 2, 2),
+        ("reduce-scatter", 16 * 4 * 4, 4),
+        ("all-to-all", 8 * 16 * 4, 8),
+        ("all-gather", 16 * 4, 4),            # async: the result, not the operand
+    ]
+    s = summarize_collectives(ops)
+    assert s["all-gather"]["count"] == 2
+    assert s["all-reduce"]["sent_bytes"] == pytest.approx(2 * (1 / 2) * (64 * 4 + 128))
+    assert s["reduce-scatter"]["sent_bytes"] == pytest.approx(3 * 256)
+    assert Collective("x", "all-reduce", 100.0, 1).sent_bytes == 0.0
+
+
+def _train_step_collectives(mesh_overrides):
+    cfg = validate(apply_overrides(tiny(), [*mesh_overrides, "model.num_layers=2"]), num_devices=8)
+    mesh = make_mesh(cfg.parallel, jax.devices())
+    state = abstract_state(cfg, mesh)
+    step = make_train_step(cfg, graphdef_of(cfg), mesh, state)
+    sh = batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.model.seq_len), jnp.int32, sharding=sh)
+             for k in ("tokens", "targets", "domain")}
+    with jax.set_mesh(mesh):
+        text = step.lower(state, batch).compile().as_text()
+    return summarize_collectives(parse_collectives(text)), 4 * count_params(cfg)[0]
+
+
+def test_data_parallel_all_reduces_every_gradient():
+    s, param_bytes = _train_step_collectives(["parallel.data=8"])
+    assert s["all-reduce"]["result_bytes"] >= param_bytes
+    assert s.get("all-gather", {}).get("result_bytes", 0) < 0.1 * param_bytes   # nothing sharded
+
+
+def test_fsdp_gathers_the_sharded_parameters():
+    s, param_bytes = _train_step_collectives(["parallel.data=1", "parallel.fsdp=8"])
+    assert s["all-gather"]["result_bytes"] >= 0.9 * param_bytes   # all but norms and biases
+    assert all(op > 0 for op in (s["all-gather"]["sent_bytes"], s["all-reduce"]["sent_bytes"]))
