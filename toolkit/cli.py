@@ -1,7 +1,8 @@
-"""Command line: `python -m toolkit {train, config}`.
+"""Command line: `python -m toolkit {train, inspect, config}`.
 
     python -m toolkit train --preset tiny --mesh data=2,fsdp=4 --out runs/tiny
     python -m toolkit train --preset tiny --set moe.num_experts=16 --set train.steps=300
+    python -m toolkit inspect --preset tiny --mesh fsdp=8   # memory and collectives per device
     python -m toolkit config --preset tiny          # every key, its value and meaning
 
 On CPU the CLI simulates `--devices` devices (8 by default), set before JAX starts.
@@ -16,6 +17,8 @@ def _parser():
     p = argparse.ArgumentParser(prog="python -m toolkit", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("train", "train a model and write runs/NAME"),
+                        ("inspect", "compile the train step; print memory and collectives per "
+                                    "device"),
                         ("config", "print every config key with its value and meaning")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("--preset", default="tiny", help="preset name (default: tiny)")
@@ -23,11 +26,12 @@ def _parser():
                        help="dotted override, e.g. moe.num_experts=16 (repeatable)")
         s.add_argument("--mesh", default=None, metavar="AXIS=N,...",
                        help="mesh axis sizes, e.g. data=2,fsdp=4 (axes: data, fsdp, tensor, expert)")
+        if name in ("train", "inspect"):
+            s.add_argument("--devices", type=int, default=8,
+                           help="simulated devices when running on CPU (default: 8)")
         if name == "train":
             s.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
             s.add_argument("--resume", action="store_true", help="continue the run in --out")
-            s.add_argument("--devices", type=int, default=8,
-                           help="simulated devices when running on CPU (default: 8)")
             s.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -58,7 +62,7 @@ def _config(args):
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     flags = os.environ.get("XLA_FLAGS", "")
-    if args.command == "train" and "xla_force_host_platform_device_count" not in flags:
+    if args.command != "config" and "xla_force_host_platform_device_count" not in flags:
         # Only the CPU backend reads this; on GPU/TPU the accelerators are the devices.
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
     from toolkit.config import ConfigError, describe
@@ -69,6 +73,10 @@ def main(argv=None) -> int:
             width = max(len(k) for k, _, _ in rows)
             for key, value, meaning in rows:
                 print(f"{key:<{width}}  {value!r:<14}  {meaning}")
+            return 0
+        if args.command == "inspect":
+            from toolkit.training.inspect import inspect_train_step, render_inspection
+            print(render_inspection(inspect_train_step(cfg)))
             return 0
         from toolkit.training import Trainer
         out = args.out or os.path.join("runs", cfg.name)

@@ -47,3 +47,12 @@ def test_train_on_the_8_device_mesh_end_to_end(tmp_path):
     assert again.returncode == 2 and "already holds a run" in again.stderr
     resumed = _cli(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
+def test_inspect_prints_memory_and_collectives():
+    out = _cli("inspect", "--preset", "tiny", "--mesh", "fsdp=8", "--set", "model.num_layers=2")
+    assert out.returncode == 0, out.stderr
+    assert "train step on mesh fsdp=8 (8 devices), per device:" in out.stdout
+    assert "all-gather" in out.stdout and "parameters + optimizer" in out.stdout
+    bad = _cli("inspect", "--mesh", "data=3")
+    assert bad.returncode == 2 and "parallel mesh" in bad.stderr

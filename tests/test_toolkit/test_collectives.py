@@ -61,3 +61,16 @@ def test_fsdp_gathers_the_sharded_parameters():
     s, param_bytes = _train_step_collectives(["parallel.data=1", "parallel.fsdp=8"])
     assert s["all-gather"]["result_bytes"] >= 0.9 * param_bytes   # all but norms and biases
     assert all(op > 0 for op in (s["all-gather"]["sent_bytes"], s["all-reduce"]["sent_bytes"]))
+
+
+def test_inspect_reports_memory_and_collectives_per_device():
+    from toolkit.training.inspect import inspect_train_step, render_inspection
+    cfg = apply_overrides(tiny(), ["model.num_layers=2"])
+    dp = inspect_train_step(apply_overrides(cfg, ["parallel.data=8"]))
+    fsdp = inspect_train_step(apply_overrides(cfg, ["parallel.data=1", "parallel.fsdp=8"]))
+    params = 4 * count_params(cfg)[0]
+    assert dp["param_bytes"] == params    # AdamW adds mu and nu, and a few step counters:
+    assert 3 * params <= dp["state_bytes"] <= 3 * params + 64
+    assert fsdp["param_bytes"] < params / 4                        # sharded 8 ways (norms not)
+    assert fsdp["argument_bytes"] < dp["argument_bytes"] / 4
+    assert "all-gather" in fsdp["collectives"] and "all-gather" in render_inspection(fsdp)
