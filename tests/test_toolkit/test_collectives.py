@@ -1,14 +1,11 @@
 """Collectives read from compiled HLO: the parser on each spelling, and real train steps."""
 
-import jax
-import jax.numpy as jnp
 import pytest
 
 from toolkit.analysis import count_params
 from toolkit.analysis.collectives import Collective, parse_collectives, summarize_collectives
-from toolkit.config import apply_overrides, tiny, validate
-from toolkit.sharding.mesh import batch_sharding, make_mesh
-from toolkit.training.step import abstract_state, graphdef_of, make_train_step
+from toolkit.config import apply_overrides, tiny
+from toolkit.training.inspect import inspect_train_step, render_inspection
 
 # lines as XLA prints them (cut short); the three spellings of replica groups, an async pair
 HLO = """
@@ -39,16 +36,8 @@ def test_parse_reads_each_spelling_of_shapes_and_groups():
 
 
 def _train_step_collectives(mesh_overrides):
-    cfg = validate(apply_overrides(tiny(), [*mesh_overrides, "model.num_layers=2"]), num_devices=8)
-    mesh = make_mesh(cfg.parallel, jax.devices())
-    state = abstract_state(cfg, mesh)
-    step = make_train_step(cfg, graphdef_of(cfg), mesh, state)
-    sh = batch_sharding(mesh)
-    batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.model.seq_len), jnp.int32, sharding=sh)
-             for k in ("tokens", "targets", "domain")}
-    with jax.set_mesh(mesh):
-        text = step.lower(state, batch).compile().as_text()
-    return summarize_collectives(parse_collectives(text)), 4 * count_params(cfg)[0]
+    cfg = apply_overrides(tiny(), [*mesh_overrides, "model.num_layers=2"])
+    return inspect_train_step(cfg)["collectives"], 4 * count_params(cfg)[0]
 
 
 def test_data_parallel_all_reduces_every_gradient():
@@ -64,7 +53,6 @@ def test_fsdp_gathers_the_sharded_parameters():
 
 
 def test_inspect_reports_memory_and_collectives_per_device():
-    from toolkit.training.inspect import inspect_train_step, render_inspection
     cfg = apply_overrides(tiny(), ["model.num_layers=2"])
     dp = inspect_train_step(apply_overrides(cfg, ["parallel.data=8"]))
     fsdp = inspect_train_step(apply_overrides(cfg, ["parallel.data=1", "parallel.fsdp=8"]))

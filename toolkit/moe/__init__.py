@@ -14,22 +14,34 @@ from toolkit.moe.dispatch import (
                                   dropped_fraction,
 )
 from toolkit.moe.experts import Experts
-from toolkit.moe.layer import MoEAux, MoELayer
-from toolkit.moe.losses import expert_counts, load_balance_loss, router_entropy, z_loss
+from toolkit.moe.layer import MoEAux, MoELayer, balance_weights
+from toolkit.moe.local_experts import LocalExperts
+from toolkit.moe.losses import (
+    expert_counts,
+    load_balance_loss,
+    router_entropy,
+    tsallis_loss,
+    z_loss,
+)
+from toolkit.moe.recurrent import GRU, RecurrentRouter
 from toolkit.moe.router import (
     ROUTERS,
     ExpertChoiceRouter,
+    Router,
     RouterBias,
     Routing,
     SigmoidBiasRouter,
     TopKRouter,
     TopPRouter,
+    TsallisRouter,
     make_router,
+    tsallis_entropy,
     update_bias,
 )
 
-__all__ = ["DispatchPlan", "ExpertChoiceRouter", "Experts", "MoEAux", "MoELayer", "ROUTERS",
-           "RouterBias", "Routing", "SigmoidBiasRouter", "TopKRouter", "TopPRouter", "capacity",
-           "capacity_plan", "combine", "dispatch", "dropless_plan", "dropped_fraction",
-           "expert_counts", "load_balance_loss", "make_router", "router_entropy", "update_bias",
-           "z_loss"]
+__all__ = ["DispatchPlan", "ExpertChoiceRouter", "Experts", "GRU", "LocalExperts", "MoEAux", "MoELayer",
+           "ROUTERS", "RecurrentRouter", "Router", "RouterBias", "Routing", "SigmoidBiasRouter",
+           "TopKRouter", "TopPRouter", "TsallisRouter", "balance_weights", "capacity", "capacity_plan",
+           "combine", "dispatch", "dropless_plan", "dropped_fraction", "expert_counts",
+           "load_balance_loss", "make_router", "router_entropy", "tsallis_entropy", "tsallis_loss",
+           "update_bias", "z_loss"]
