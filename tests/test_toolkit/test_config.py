@@ -56,7 +56,20 @@ def test_bad_overrides(overrides, message):
 
 @pytest.mark.parametrize("overrides,devices,message", [
     (["parallel.expert=4", "moe.num_experts=6"], 8,
-     r"moe.num_experts=6 is not divisible by mesh axis expert=4; use 4, 8, 12"),
+     r"moe.num_experts=6 is not divisible by mesh axis expert=4 \(the expert-parallel group of "
+     r"recipe 'fsdp_tp_ep'\); use 4, 8, 12"),
+    (["parallel.recipe=folded", "parallel.tensor=4", "parallel.expert=4", "parallel.data=1",
+      "moe.num_experts=8"], 16, r"moe.num_experts=8 is not divisible by mesh axis expert\*tensor=16"),
+    (["parallel.recipe=zero3"], 8, r"parallel.recipe='zero3' is not a recipe; use one of \['dp', 'ep'"),
+    (["parallel.recipe=dp", "parallel.data=4", "parallel.tensor=2"], 8,
+     r"parallel.recipe='dp' does not use mesh axis tensor=2 \(it would hold identical copies\); set it "
+     r"to 1 or use a recipe that does: \['folded', 'fsdp_tp_ep', 'tp'\]"),
+    (["parallel.expert=2", "moe.small_experts=2", "moe.d_small_expert=32"], 8,
+     r"moe.small_experts=2 with expert parallelism \(expert=2\) is not supported"),
+    (["parallel.expert=2", "moe.dispatch_groups=4"], 8,
+     r"moe.dispatch_groups=4 is not divisible by mesh axes data\*fsdp\*expert=8"),
+    (["parallel.overlap_chunks=0"], 8, r"parallel.overlap_chunks=0 must be a positive integer"),
+    (["parallel.dropless_exchange=nccl"], 8, r"parallel.dropless_exchange='nccl'; use one of"),
     (["moe.top_k=9"], 8, r"moe.top_k=9 exceeds moe.num_experts=8; use 1..8"),
     (["model.num_kv_heads=3"], 8, r"model.num_heads=4 is not divisible by model.num_kv_heads=3"),
     (["parallel.tensor=8", "parallel.data=1"], 8,
@@ -65,7 +78,7 @@ def test_bad_overrides(overrides, message):
     (["parallel.data=2", "parallel.fsdp=2"], 8, r"has 4 devices but 8 are available"),
     (["parallel.fsdp=3"], 8, r"parallel.data=-1 cannot fill 8 devices"),
     (["parallel.fsdp=-1"], 8, r"only one axis may be -1"),
-    (["train.batch_size=12"], 8, r"train.batch_size=12 is not divisible by data\*fsdp\*expert=8"),
+    (["train.batch_size=12"], 8, r"train.batch_size=12 is not divisible by mesh axes data\*fsdp\*expert=8"),
     (["moe.dispatch=magic"], 8, r"moe.dispatch='magic' is unknown; use one of \('dropless', 'capacity'\)"),
     (["moe.capacity_factor=0"], 8, r"moe.capacity_factor=0.0 must be > 0"),
     (["model.dtype=float16"], 8, r"model.dtype='float16' is not supported"),

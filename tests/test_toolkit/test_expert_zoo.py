@@ -18,6 +18,7 @@ import toolkit.moe.layer as layer_module
 from toolkit.config import ConfigError, MoEConfig, apply_overrides, tiny, validate
 from toolkit.models.transformer import Transformer
 from toolkit.moe import MoELayer, Routing, load_balance_loss
+from toolkit.moe.experts import Experts
 from toolkit.training import Trainer
 from toolkit.training.step import mtp_loss
 
@@ -82,20 +83,20 @@ def test_zero_computation_experts_are_never_dispatched(monkeypatch):
     """Tokens routed to zero/copy/constant experts reach no grouped matmul: the FFN rows are
     exactly the FFN assignments, and a router that only picks local experts computes none."""
     layer = _layer(zero_experts=1, copy_experts=1, constant_experts=1)
-    seen = []
-    monkeypatch.setattr(layer_module, "dispatch", lambda x, plan: seen.append(plan) or
-                        jnp.take(x, plan.token_of_row, axis=0))
+    seen, compute = [], Experts.compute
+    monkeypatch.setattr(Experts, "compute", lambda self, xs, group_sizes, *a, **kw: seen.append(
+        group_sizes) or compute(self, xs, group_sizes, *a, **kw))
     x = _x()
     _, aux, _ = layer(x)
     ids = np.asarray(aux.expert_ids)
     ffn_assignments = int(np.sum((ids >= 0) & (ids < 4)))
     assert 0 < ffn_assignments < ids.size
-    assert int(seen[-1].group_sizes.sum()) == ffn_assignments
+    assert int(seen[-1].sum()) == ffn_assignments
     np.testing.assert_allclose(float(aux.computed_counts[:4].sum()), ffn_assignments)
     layer.router.w_de[...] = layer.router.w_de[...].at[:, :4].set(0.0).at[:, 4:].add(
         jnp.full((D, 3), 5.0))                       # push every token to the local experts
     y, aux, _ = layer(jnp.abs(x))
-    assert int(seen[-1].group_sizes.sum()) == 0
+    assert int(seen[-1].sum()) == 0
     np.testing.assert_allclose(y, _definition(layer, jnp.abs(x)), rtol=1e-5, atol=1e-5)
 
 
@@ -188,9 +189,9 @@ def test_gru_expert_is_causal_and_runs_the_gru_along_the_sequence():
 def test_bigmac_dispatches_narrow_tokens(monkeypatch):
     layer = _layer(bigmac_ratio=0.25, d_expert=32)
     widths = []
-    real = layer_module.dispatch
-    monkeypatch.setattr(layer_module, "dispatch", lambda x, plan: widths.append(x.shape[-1]) or
-                        real(x, plan))
+    compute = Experts.compute
+    monkeypatch.setattr(Experts, "compute", lambda self, xs, *a, **kw: widths.append(
+        xs.shape[-1]) or compute(self, xs, *a, **kw))
     y, _, _ = layer(_x())
     assert widths == [D // 4] and y.shape == (2, 10, D)
     assert layer.experts.w_gate.shape == (4, D // 4, 32)   # up to d_expert, then down: inverted

@@ -190,16 +190,33 @@ class ParallelConfig:
       fsdp: fully-sharded data parallel (batch split, parameters sharded on `embed`).
       tensor: tensor parallel (heads, MLP hidden and vocab split).
       expert: expert parallel (experts split; the batch is split over it too).
+      recipe: the rules table that maps logical axes onto these mesh axes
+        (`toolkit.sharding.RECIPES`): dp, fsdp, tp, ep, fsdp_ep, fsdp_tp_ep (every axis
+        takes its role; the default) or folded (MoE Parallel Folding: attention
+        tensor-parallel over `tensor`, experts expert-parallel over `expert x tensor`).
+        A mesh axis of size > 1 must be one the recipe uses.
+      dropless_exchange: how dropless dispatch moves tokens between expert-parallel devices:
+        "ragged_all_to_all" (each token row to the device of its expert; GPU/TPU),
+        "all_gather" (every device gathers the group's tokens, computes its own experts'
+        rows, and a reduce-scatter returns the sums: the "ring of experts"; any backend),
+        or "auto" (ragged_all_to_all on GPU/TPU, all_gather on CPU where XLA lacks it).
+        Capacity dispatch always uses fixed-size all-to-alls.
+      overlap_chunks: split each device's expert-parallel exchange into this many chunks
+        (capacity slots, or tokens for dropless) so one chunk's communication can overlap
+        another's expert compute (Tutel-style pipelining); results are identical.
     """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
     expert: int = 1
+    recipe: str = "fsdp_tp_ep"
+    dropless_exchange: str = "auto"
+    overlap_chunks: int = 1
 
     def axis_sizes(self, num_devices: int) -> dict:
         """Axis name -> size with a -1 resolved against `num_devices`."""
-        sizes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        sizes = {a: getattr(self, a) for a in ("data", "fsdp", "tensor", "expert")}
         known = 1
         for v in sizes.values():
             known *= v if v > 0 else 1

@@ -221,35 +221,10 @@ def validate(cfg: Config, num_devices: int | None = None, domain_tokens: dict | 
 
     errors += _kernel_errors(cfg.kernels, m)
     mesh_errors = _mesh_errors(cfg, num_devices)
+    errors += _parallel_option_errors(cfg.parallel)
     errors += mesh_errors
-    if not mesh_errors:
-        sizes = cfg.parallel.axis_sizes(num_devices or 1)
-        tp, ep = sizes["tensor"], sizes["expert"]
-        if moe.num_experts > 0 and moe.num_experts % ep:
-            errors.append(f"moe.num_experts={moe.num_experts} is not divisible by mesh axis "
-                          f"expert={ep}; use {_divisors_near(moe.num_experts, ep)}")
-        for key, value in (("model.num_heads", m.num_heads), ("model.num_kv_heads", m.num_kv_heads),
-                           ("model.d_ff", m.d_ff), ("model.vocab_size", m.vocab_size)):
-            if value % tp:
-                errors.append(f"{key}={value} is not divisible by mesh axis tensor={tp}; "
-                              f"use {_divisors_near(value, tp)}")
-        width = moe.expert_width(m.d_ff)
-        if moe.num_experts > 0 and width % tp:
-            key = (f"moe.expert_fraction={moe.expert_fraction} (width {width})"
-                   if moe.expert_fraction else f"moe.d_expert={width}")
-            errors.append(f"{key} is not divisible by mesh axis tensor={tp}; "
-                          f"use a width in {_divisors_near(width, tp)}")
-        if moe.num_experts > 0 and moe.small_experts and moe.d_small_expert % tp:
-            errors.append(f"moe.d_small_expert={moe.d_small_expert} is not divisible by mesh axis "
-                          f"tensor={tp}; use {_divisors_near(moe.d_small_expert, tp)}")
-        if m.d_model % sizes["fsdp"]:
-            errors.append(f"model.d_model={m.d_model} is not divisible by mesh axis fsdp="
-                          f"{sizes['fsdp']}; use {_divisors_near(m.d_model, sizes['fsdp'])}")
-        if num_devices is not None:
-            shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
-            if t.batch_size % shards:
-                errors.append(f"train.batch_size={t.batch_size} is not divisible by data*fsdp*"
-                              f"expert={shards}; use {_divisors_near(t.batch_size, shards)}")
+    if not mesh_errors and not _parallel_option_errors(cfg.parallel):
+        errors += _recipe_errors(cfg, cfg.parallel.axis_sizes(num_devices or 1), num_devices)
 
     if t.warmup_steps < 0 or t.warmup_steps >= t.steps:
         errors.append(f"train.warmup_steps={t.warmup_steps} must be in 0..{t.steps - 1} "
@@ -287,3 +262,88 @@ def validate(cfg: Config, num_devices: int | None = None, domain_tokens: dict | 
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     return cfg
+
+
+_EXCHANGES = ("auto", "ragged_all_to_all", "all_gather")
+
+
+def _parallel_option_errors(p) -> list:
+    from toolkit.sharding.rules import RECIPES
+    errors = []
+    if p.recipe not in RECIPES:
+        errors.append(f"parallel.recipe={p.recipe!r} is not a recipe; use one of {sorted(RECIPES)}")
+    if p.dropless_exchange not in _EXCHANGES:
+        errors.append(f"parallel.dropless_exchange={p.dropless_exchange!r}; use one of {_EXCHANGES}")
+    if not isinstance(p.overlap_chunks, int) or p.overlap_chunks < 1:
+        errors.append(f"parallel.overlap_chunks={p.overlap_chunks!r} must be a positive integer "
+                      f"(1: no chunking)")
+    return errors
+
+
+def _recipe_errors(cfg: Config, sizes: dict, num_devices) -> list:
+    """What the recipe's table asks of the mesh: every split dimension divisible by its axes."""
+    from toolkit.sharding.rules import mesh_axes_of, recipe_axes, recipe_rules
+    m, moe, t, errors = cfg.model, cfg.moe, cfg.train, []
+    rules, recipe = recipe_rules(cfg.parallel.recipe), cfg.parallel.recipe
+    unused = [f"{a}={n}" for a, n in sizes.items() if n > 1 and a not in recipe_axes(recipe)]
+    if unused:
+        users = sorted(r for r in _recipes_using({a.split("=")[0] for a in unused}))
+        errors.append(f"parallel.recipe={recipe!r} does not use mesh axis {', '.join(unused)} "
+                      f"(it would hold identical copies); set it to 1 or use a recipe that does: "
+                      f"{users}")
+        return errors
+
+    def split(name):
+        axes = mesh_axes_of(name, rules)
+        return math.prod(sizes[a] for a in axes), "*".join(axes) or "none"
+
+    ep, ep_axes = split("expert")
+    if moe.num_experts > 0 and moe.num_experts % ep:
+        errors.append(f"moe.num_experts={moe.num_experts} is not divisible by mesh axis "
+                      f"{ep_axes}={ep} (the expert-parallel group of recipe {recipe!r}); use "
+                      f"{_divisors_near(moe.num_experts, ep)}")
+    if moe.num_experts > 0 and moe.small_experts and ep > 1:
+        errors.append(f"moe.small_experts={moe.small_experts} with expert parallelism ({ep_axes}="
+                      f"{ep}) is not supported: set moe.small_experts=0 or the expert axis to 1")
+    for key, value, name in (("model.num_heads", m.num_heads, "heads"),
+                             ("model.num_kv_heads", m.num_kv_heads, "kv_heads"),
+                             ("model.d_ff", m.d_ff, "mlp"), ("model.vocab_size", m.vocab_size, "vocab")):
+        n, axes = split(name)
+        if value % n:
+            errors.append(f"{key}={value} is not divisible by mesh axis {axes}={n}; "
+                          f"use {_divisors_near(value, n)}")
+    etp, etp_axes = split("expert_mlp")
+    width = moe.expert_width(m.d_ff)
+    if moe.num_experts > 0 and width % etp:
+        key = (f"moe.expert_fraction={moe.expert_fraction} (width {width})"
+               if moe.expert_fraction else f"moe.d_expert={width}")
+        errors.append(f"{key} is not divisible by mesh axis {etp_axes}={etp}; "
+                      f"use a width in {_divisors_near(width, etp)}")
+    if moe.num_experts > 0 and moe.small_experts and moe.d_small_expert % etp:
+        errors.append(f"moe.d_small_expert={moe.d_small_expert} is not divisible by mesh axis "
+                      f"{etp_axes}={etp}; use {_divisors_near(moe.d_small_expert, etp)}")
+    for name, key in (("embed", "model.d_model"), ("expert_embed", "model.d_model")):
+        n, axes = split(name)
+        if m.d_model % n:
+            errors.append(f"{key}={m.d_model} is not divisible by mesh axis {axes}={n}; "
+                          f"use {_divisors_near(m.d_model, n)}")
+            break
+    if num_devices is not None:
+        for name in ("batch", "moe_batch"):
+            n, axes = split(name)
+            if t.batch_size % n:
+                errors.append(f"train.batch_size={t.batch_size} is not divisible by mesh axes "
+                              f"{axes}={n} (the {name} split of recipe {recipe!r}); use "
+                              f"{_divisors_near(t.batch_size, n)}")
+                break
+        groups, (n, axes) = moe.dispatch_groups, split("moe_batch")
+        if moe.num_experts > 0 and groups and groups % n:
+            errors.append(f"moe.dispatch_groups={groups} is not divisible by mesh axes {axes}={n}, "
+                          f"which split the dispatch groups; use a multiple of {n} or 0 (one group "
+                          f"per device)")
+    return errors
+
+
+def _recipes_using(axes: set) -> list:
+    from toolkit.sharding.rules import RECIPES, recipe_axes
+    return [r for r in RECIPES if axes <= recipe_axes(r)]

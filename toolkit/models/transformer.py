@@ -34,7 +34,8 @@ from toolkit.models.attention import Attention
 from toolkit.models.layers import Embed, RMSNorm, SwiGLU, param
 from toolkit.moe.layer import MoELayer
 from toolkit.moe.recurrent import GRU
-from toolkit.sharding.rules import constrain
+from toolkit.sharding.mesh import rules_for
+from toolkit.sharding.rules import constrain, use_rules
 
 
 def moe_layer_indices(cfg: Config) -> list:
@@ -54,7 +55,7 @@ class Block(nnx.Module):
         self.is_moe = is_moe
         self.pre_attention = cfg.moe.router_placement == "pre_attention"
         self.ffn = MoELayer(m.d_model, cfg.moe, d_expert=cfg.moe.expert_width(m.d_ff),
-                            gmm_impl=cfg.kernels.gmm, shared_gru=shared_gru,
+                            gmm_impl=cfg.kernels.gmm, shared_gru=shared_gru, parallel=cfg.parallel,
                             rngs=rngs) if is_moe else SwiGLU(m.d_model, m.d_ff, rngs=rngs)
 
     def __call__(self, x_btd, positions_bt, state=None):
@@ -111,6 +112,11 @@ class Transformer(nnx.Module):
         return logits_btv.astype(jnp.float32)
 
     def __call__(self, tokens_bt, mtp_tokens_bt=None):
+        # Logical axis names resolve through the recipe's table while the model is traced.
+        with use_rules(rules_for(self.cfg.parallel)):
+            return self._forward(tokens_bt, mtp_tokens_bt)
+
+    def _forward(self, tokens_bt, mtp_tokens_bt):
         dtype = jnp.dtype(self.cfg.model.dtype)
         positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
         x_btd = constrain(self.embed(tokens_bt, dtype), ("batch", "seq", "embed"))

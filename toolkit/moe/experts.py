@@ -12,44 +12,48 @@ exactly zero, and an inference engine can skip the matching rows of W_down; the 
 report that share. Experts of two widths (big and small) are two grouped matmuls, each over
 its own range of expert ids.
 
-Under a mesh the dispatch groups are sharded like the batch, so the experts run inside
-`shard_map`: each device multiplies its own groups' rows, with the weights gathered over
-FSDP and, under tensor parallelism, split along the hidden (`mlp`) width, the down
-projection's partial sums added with a `psum`. The kernels thus always see local arrays
-(a Pallas call or a loop with traced trip counts cannot be split by the partitioner).
+Experts hold the weights and compute on local arrays; where they run on a mesh (dispatch
+groups split over devices, experts split over the expert-parallel group, each expert's
+hidden width split for expert tensor parallelism) is `toolkit.sharding.expert_parallel`'s
+business, which calls `Experts.compute` inside `shard_map` with each device's shards. The
+kernels thus always see local arrays (a Pallas call or a loop with traced trip counts
+cannot be split by the partitioner).
 """
-
-import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import gmm
 from toolkit.models.layers import param
-from toolkit.sharding.rules import logical_to_spec
 
 _ACTIVATIONS = {"swiglu": jax.nn.silu, "reglu": jax.nn.relu}
 
 
-def _rows_of(xs, group_sizes, offset: int, count: int):
+def _rows_of(xs, group_sizes, offset, count: int):
     """bool mask over the rows of `xs` that experts [offset, offset + count) compute."""
     if xs.ndim == 4:                                     # padded [G, E, C, d]
         c = jnp.arange(xs.shape[2])
         return c[None, None, :] < group_sizes[:, offset:offset + count, None]
     ends = jnp.cumsum(group_sizes, axis=-1)              # ragged [G, R, d]
-    start = ends[:, offset - 1] if offset else jnp.zeros_like(ends[:, 0])
+    ends = jnp.concatenate([jnp.zeros_like(ends[:, :1]), ends], axis=-1)
+    start = jnp.take(ends, offset, axis=-1)
+    stop = jnp.take(ends, offset + count, axis=-1)
     r = jnp.arange(xs.shape[1])
-    return (r[None, :] >= start[:, None]) & (r[None, :] < ends[:, offset + count - 1, None])
+    return (r[None, :] >= start[:, None]) & (r[None, :] < stop[:, None])
 
 
-def _gated_experts(xs, group_sizes, weights, *, kinds, activation, impl, tensor_axis):
+def gated_experts(xs, group_sizes, weights, *, kinds, activation, impl=None, tensor_axis=None,
+                  group_offset=None):
     """The experts on local arrays: xs `[G, R, d]` (or `[G, E, C, d]`), weights per kind.
 
     `kinds` lists (first expert id, count) per width class (big, then small experts);
-    `weights` holds (w_gate, w_up, w_down) for each. Returns the output and, per group,
-    the number of hidden activations that are exactly zero and of all computed ones.
+    `weights` holds (w_gate, w_up, w_down) for each. `group_offset` (ragged layout, may be
+    traced): the weights are experts [offset, offset + E_local) of `group_sizes`' columns,
+    as on one device of an expert-parallel group; rows of other experts give zeros.
+    `tensor_axis`: the mesh axes the hidden width is split over (partial sums added).
+    Returns the output and, per group, the number of hidden activations that are exactly
+    zero and of all computed ones.
     """
     act_fn = _ACTIVATIONS[activation]
     y, zeros_g, total_g = 0.0, 0.0, 0.0
@@ -59,7 +63,9 @@ def _gated_experts(xs, group_sizes, weights, *, kinds, activation, impl, tensor_
             x_k, sizes, kw = xs[:, offset:offset + count], group_sizes[:, offset:offset + count], {}
         else:                                            # ragged: an expert shard of the rows
             x_k, sizes = xs, group_sizes
-            kw = {"group_offset": offset} if len(kinds) > 1 else {}
+            if group_offset is not None:
+                offset = group_offset
+            kw = {"group_offset": offset} if len(kinds) > 1 or group_offset is not None else {}
         h = gmm(x_k, jnp.concatenate([w_gate, w_up], axis=-1), sizes, impl=impl, **kw)
         act = act_fn(h[..., :d_expert]) * h[..., d_expert:]
         out = gmm(act, w_down, sizes, impl=impl, **kw)
@@ -75,7 +81,7 @@ def _gated_experts(xs, group_sizes, weights, *, kinds, activation, impl, tensor_
 
 
 def _expert_weights(rngs, n: int, d_model: int, d_expert: int) -> tuple:
-    names = ("expert", "embed", "mlp"), ("expert", "mlp", "embed")
+    names = ("expert", "expert_embed", "expert_mlp"), ("expert", "expert_mlp", "expert_embed")
     return (param(rngs, (n, d_model, d_expert), names[0], fan_in=d_model),
             param(rngs, (n, d_model, d_expert), names[0], fan_in=d_model),
             param(rngs, (n, d_expert, d_model), names[1], fan_in=d_expert))
@@ -97,33 +103,29 @@ class Experts(nnx.Module):
         self.d_expert, self.activation = d_expert, activation
         self.gmm_impl = gmm_impl or None
 
+    def weights(self, dtype) -> list:
+        """[(w_gate, w_up, w_down)] per width class, cast to `dtype`."""
+        kinds = [(self.w_gate, self.w_up, self.w_down)] + ([tuple(self.small)] if self.small else [])
+        return [tuple(w[...].astype(dtype) for w in kind) for kind in kinds]
+
+    def compute(self, xs, group_sizes, weights, *, tensor_axis=None, group_offset=None):
+        """`gated_experts` with this module's kinds and activation on local arrays."""
+        kinds = self.kinds
+        if xs.ndim == 4 and xs.shape[1] != sum(c for _, c in kinds):
+            assert len(kinds) == 1, "expert parallelism needs one expert width"
+            kinds = ((0, xs.shape[1]),)                  # padded layout over local experts
+        if group_offset is not None:
+            assert len(kinds) == 1, "expert parallelism needs one expert width"
+            kinds = ((0, weights[0][0].shape[0]),)
+        return gated_experts(xs, group_sizes, weights, kinds=kinds, activation=self.activation,
+                             impl=self.gmm_impl, tensor_axis=tensor_axis, group_offset=group_offset)
+
     def __call__(self, xs, group_sizes):
-        """xs `[G, R, d]` with group_sizes `[G, E]` (or padded `[G, E, C, d]`).
+        """On one device: xs `[G, R, d]` with group_sizes `[G, E]` (or padded `[G, E, C, d]`).
 
         Returns the outputs in the same layout and the share of hidden activations that are
-        exactly zero over the computed rows (ReGLU's activation sparsity).
+        exactly zero over the computed rows (ReGLU's activation sparsity). On a mesh, use
+        `toolkit.sharding.expert_parallel.routed_ffn`.
         """
-        dt = xs.dtype
-        weights = [(self.w_gate, self.w_up, self.w_down)] + ([tuple(self.small)] if self.small else [])
-        weights = [tuple(w[...].astype(dt) for w in kind) for kind in weights]
-        local_fn = functools.partial(_gated_experts, kinds=self.kinds, activation=self.activation,
-                                     impl=self.gmm_impl)
-        mesh = jax.sharding.get_abstract_mesh()
-        if mesh.empty or mesh.size == 1:
-            y, zeros, total = local_fn(xs, group_sizes, weights, tensor_axis=None)
-        else:
-            batch, mlp = logical_to_spec(("batch",))[0], logical_to_spec(("mlp",))[0]
-            batch_axes = (batch,) if isinstance(batch, str) else tuple(batch or ())
-            shards = 1
-            for a in batch_axes:
-                shards *= mesh.shape[a]
-            if xs.shape[0] % shards:
-                batch = None  # groups that do not split over the batch shards: all devices run all
-            tensor = mlp if mlp and mesh.shape[mlp] > 1 else None
-            w_spec = (P(None, None, tensor), P(None, None, tensor), P(None, tensor, None))
-            # local shapes: xs [G / shards, R, d]; w_gate, w_up [E, d, d_e / T]; w_down [E, d_e / T, d]
-            y, zeros, total = jax.shard_map(
-                functools.partial(local_fn, tensor_axis=tensor),
-                in_specs=(P(batch), P(batch), [w_spec] * len(weights)),
-                out_specs=(P(batch), P(batch), P(batch)), check_vma=False)(xs, group_sizes, weights)
+        y, zeros, total = self.compute(xs, group_sizes, self.weights(xs.dtype))
         return y, jnp.sum(zeros) / jnp.maximum(jnp.sum(total), 1.0)

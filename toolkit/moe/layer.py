@@ -35,11 +35,11 @@ from flax import nnx, struct
 from toolkit.config import MoEConfig
 from toolkit.models.layers import SwiGLU, param
 from toolkit.moe import losses
-from toolkit.moe.dispatch import capacity_plan, combine, dispatch, dropless_plan
 from toolkit.moe.experts import Experts
 from toolkit.moe.local_experts import LocalExperts
 from toolkit.moe.router import make_router
-from toolkit.sharding.rules import constrain, logical_to_spec
+from toolkit.sharding.expert_parallel import routed_ffn
+from toolkit.sharding.rules import constrain, mesh_axes_of
 
 
 @struct.dataclass
@@ -77,14 +77,6 @@ class MoEAux:
     expert_ids: jax.Array
 
 
-def _per_group(fn, num_groups: int, *args):
-    """`jax.vmap(fn)(*args)`; a single group skips vmap, whose batched ops cost more on CPU."""
-    if num_groups > 1:
-        return jax.vmap(fn)(*args)
-    out = fn(*jax.tree.map(lambda a: a[0], args))
-    return jax.tree.map(lambda a: a[None], out)
-
-
 def balance_weights(cfg: MoEConfig) -> jax.Array:
     """[E] eta of the MoE++ heterogeneous balance loss: zc_tau on zero, copy and constant
     experts, 1 on FFN and GRU experts."""
@@ -95,11 +87,12 @@ def balance_weights(cfg: MoEConfig) -> jax.Array:
 
 class MoELayer(nnx.Module):
     def __init__(self, d_model: int, cfg: MoEConfig, *, d_expert: int | None = None,
-                 gmm_impl: str = "", shared_gru=None, rngs: nnx.Rngs):
+                 gmm_impl: str = "", shared_gru=None, parallel=None, rngs: nnx.Rngs):
         """`d_expert`: routed expert width (default `cfg.d_expert`; the model passes
         `cfg.expert_width(d_ff)`). `gmm_impl`: the experts' grouped-matmul backend
-        (`KernelConfig.gmm`; "" = by platform). `shared_gru`: the recurrent router's GRU."""
-        self.cfg = cfg
+        (`KernelConfig.gmm`; "" = by platform). `shared_gru`: the recurrent router's GRU.
+        `parallel`: the `ParallelConfig` whose exchange options expert parallelism uses."""
+        self.cfg, self.parallel = cfg, parallel
         d_expert = d_expert or cfg.d_expert
         self.router = make_router(d_model, cfg, shared_gru=shared_gru, rngs=rngs)
         d_in = d_model
@@ -122,16 +115,8 @@ class MoELayer(nnx.Module):
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
             return 1
-        axes = logical_to_spec(("batch",))[0] or ()
-        axes = (axes,) if isinstance(axes, str) else axes
-        n = math.prod(mesh.shape[a] for a in axes if a in mesh.shape)
+        n = math.prod(mesh.shape[a] for a in mesh_axes_of("moe_batch") if a in mesh.shape)
         return n if batch % n == 0 else 1
-
-    def _plan(self, routing):
-        cfg = self.cfg
-        if cfg.dispatch == "capacity":
-            return capacity_plan(routing, cfg.num_ffn_experts, cfg.capacity_factor)
-        return dropless_plan(routing, cfg.num_ffn_experts)
 
     def route(self, x_btd, state=None):
         """The router's decision for `x_btd` (called early for pre-attention routing)."""
@@ -147,14 +132,14 @@ class MoELayer(nnx.Module):
         ffn_routing = routing.replace(valid=is_ffn)
         h_td = x_td @ self.w_descend[...].astype(x_td.dtype) if cfg.bigmac_ratio else x_td
         g = self.num_groups(b)
-        # Whole sequences per group; with the group axis sharded like the batch, every device
-        # dispatches its own tokens and no token crosses devices.
-        h_gtd = constrain(h_td.reshape(g, -1, h_td.shape[-1]), ("batch", None, None))
-        routing_g = jax.tree.map(lambda a: a.reshape(g, -1, *a.shape[1:]), ffn_routing)
-        plan_g = _per_group(self._plan, g, routing_g)
-        xs = _per_group(dispatch, g, h_gtd, plan_g)
-        ys, activation_zeros = self.experts(xs, plan_g.group_sizes)
-        y_td = _per_group(combine, g, ys, plan_g, routing_g).reshape(b * s, -1)
+        # Whole sequences per group, the group axis sharded over the devices: each device
+        # dispatches its own tokens; expert parallelism exchanges them (`routed_ffn`).
+        h_gtd = constrain(h_td.reshape(g, -1, h_td.shape[-1]), ("moe_batch", None, None))
+        routing_g = jax.tree.map(lambda a: a.reshape(g, -1, *a.shape[1:]),
+                                 ffn_routing.replace(probs=None, logits=None, state={}))
+        y_gtd, group_sizes_ge, kept_gtk, activation_zeros = routed_ffn(
+            h_gtd, routing_g, self.experts, cfg, self.parallel)
+        y_td = y_gtd.reshape(b * s, -1)
         if cfg.bigmac_ratio:
             y_td = y_td @ self.w_ascend[...].astype(y_td.dtype)
         y_btd = y_td.reshape(b, s, d)
@@ -163,7 +148,7 @@ class MoELayer(nnx.Module):
                                                 (routing.weights, routing.expert_ids, routing.valid)))
         if self.shared is not None:
             y_btd = y_btd + self.shared(x_btd)
-        aux = self._aux(routing, plan_g.kept, plan_g.group_sizes, activation_zeros, b)
+        aux = self._aux(routing, kept_gtk, group_sizes_ge, activation_zeros, b)
         return y_btd.astype(x_btd.dtype), aux, routing.state
 
     def _aux(self, routing, kept_gtk, group_sizes_ge, activation_zeros, batch: int) -> MoEAux:

@@ -1,11 +1,28 @@
-"""Meshes and the logical-axis rules table that maps parameters and activations onto them.
+"""Meshes, the logical-axis rules tables (parallelism recipes), and the shard_map code with
+explicit collectives (expert parallelism).
 
     mesh = make_mesh(cfg.parallel)
-    spec = logical_to_spec(("embed", "mlp"))       # PartitionSpec('fsdp', 'tensor')
+    rules = rules_for(cfg.parallel)                     # the table of parallel.recipe
+    spec = logical_to_spec(("embed", "mlp"), rules)     # PartitionSpec('fsdp', 'tensor')
 """
 
-from toolkit.sharding.mesh import MESH_AXES, batch_sharding, make_mesh, state_shardings
-from toolkit.sharding.rules import DEFAULT_RULES, LOGICAL_AXES, constrain, logical_to_spec, named_sharding
+from toolkit.sharding.mesh import MESH_AXES, batch_sharding, make_mesh, rules_for, state_shardings
+from toolkit.sharding.rules import (
+           DEFAULT_RECIPE,
+           DEFAULT_RULES,
+           LOGICAL_AXES,
+           RECIPES,
+           constrain,
+           current_rules,
+           logical_to_spec,
+           mesh_axes_of,
+           named_sharding,
+           recipe_axes,
+           recipe_rules,
+           use_rules,
+)
 
-__all__ = ["DEFAULT_RULES", "LOGICAL_AXES", "MESH_AXES", "batch_sharding", "constrain",
-           "logical_to_spec", "make_mesh", "named_sharding", "state_shardings"]
+__all__ = ["DEFAULT_RECIPE", "DEFAULT_RULES", "LOGICAL_AXES", "MESH_AXES", "RECIPES", "batch_sharding",
+           "constrain", "current_rules", "logical_to_spec", "make_mesh", "mesh_axes_of",
+           "named_sharding", "recipe_axes", "recipe_rules", "rules_for", "state_shardings",
+           "use_rules"]

@@ -1,7 +1,8 @@
 """Build the device mesh from `ParallelConfig`, and shardings for whole model states.
 
     mesh = make_mesh(ParallelConfig(data=2, fsdp=4))     # 8 devices, axes data/fsdp/tensor/expert
-    shardings = state_shardings(nnx.state(model), mesh)  # from each Variable's logical_axes
+    rules = rules_for(cfg.parallel)                       # the table of parallel.recipe
+    shardings = state_shardings(nnx.state(model), mesh, rules)  # from each Variable's logical_axes
 
 Axes are `Auto`: the compiler propagates shardings between the ones we pin (parameters,
 batch, and constraints inside the model). Explicit collectives live in shard_map code.
@@ -13,7 +14,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from toolkit.sharding.rules import DEFAULT_RULES, logical_to_spec
+from toolkit.sharding.rules import logical_to_spec, recipe_rules
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -34,8 +35,14 @@ def _is_var(x):
     return isinstance(x, nnx.Variable)
 
 
-def state_shardings(state, mesh, rules=DEFAULT_RULES):
-    """NamedSharding per leaf of an nnx State, from each Variable's `logical_axes` metadata."""
+def rules_for(parallel) -> tuple:
+    """The rules table of `parallel.recipe` (a `ParallelConfig`)."""
+    return recipe_rules(parallel.recipe)
+
+
+def state_shardings(state, mesh, rules=None):
+    """NamedSharding per leaf of an nnx State, from each Variable's `logical_axes` metadata
+    (`rules`: a table, default the current one, see `use_rules`)."""
     def one(v):
         names = v.get_metadata().get("logical_axes") if _is_var(v) else None
         shape = np.shape(v.get_value() if _is_var(v) else v)
@@ -45,6 +52,6 @@ def state_shardings(state, mesh, rules=DEFAULT_RULES):
     return jax.tree.map(one, state, is_leaf=_is_var)
 
 
-def batch_sharding(mesh, rules=DEFAULT_RULES) -> NamedSharding:
+def batch_sharding(mesh, rules=None) -> NamedSharding:
     """Sharding of `[batch, seq]` token arrays."""
     return NamedSharding(mesh, logical_to_spec(("batch", "seq"), rules))

@@ -28,11 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from toolkit.config import Config
 from toolkit.models.transformer import Transformer
 from toolkit.moe.router import update_bias
-from toolkit.sharding.mesh import batch_sharding, state_shardings
+from toolkit.sharding.mesh import batch_sharding, rules_for, state_shardings
 
 
 def lr_schedule(cfg: Config) -> optax.Schedule:
@@ -62,7 +64,7 @@ def _build(cfg: Config, seed: int):
 def init_state(cfg: Config, mesh):
     """(graphdef, state) of model + optimizer, every array created already sharded on `mesh`."""
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: _build(cfg, cfg.train.seed)))
-    shardings = state_shardings(abstract, mesh)
+    shardings = state_shardings(abstract, mesh, rules_for(cfg.parallel))
     state = jax.jit(lambda: nnx.state(_build(cfg, cfg.train.seed)), out_shardings=shardings)()
     return graphdef, state
 
@@ -75,7 +77,7 @@ def graphdef_of(cfg: Config):
 def abstract_state(cfg: Config, mesh):
     """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
     _, abstract = nnx.split(nnx.eval_shape(lambda: _build(cfg, cfg.train.seed)))
-    shardings = state_shardings(abstract, mesh)
+    shardings = state_shardings(abstract, mesh, rules_for(cfg.parallel))
     def with_sharding(var, sharding):
         value = var.get_value()
         return var.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
@@ -151,15 +153,16 @@ def update_router_biases(model, expert_counts_le, cfg: Config):
 def make_train_step(cfg: Config, graphdef, mesh, state):
     """Jitted `(state, batch) -> (state, metrics)`; the state buffers are donated."""
     state_sh = jax.tree.map(lambda x: x.sharding, state)
-    batch_sh = batch_sharding(mesh)
+    batch_sh = batch_sharding(mesh, rules_for(cfg.parallel))
 
     def step(state, batch):
         model, optimizer = nnx.merge(graphdef, state)
         metrics = _train_step(model, optimizer, batch, cfg)
         return nnx.state((model, optimizer)), metrics
 
+    # Metrics come back replicated, so every process can read them (no gather needed).
     return jax.jit(step, donate_argnums=0, in_shardings=(state_sh, batch_sh),
-                   out_shardings=(state_sh, None))
+                   out_shardings=(state_sh, NamedSharding(mesh, P())))
 
 
 def make_eval_step(cfg: Config, graphdef, mesh, state, num_domains: int):
@@ -191,7 +194,8 @@ def make_eval_step(cfg: Config, graphdef, mesh, state, num_domains: int):
             out["affinity_counts"] = jnp.einsum("lbti,lbtj->lij", chosen_lbte[:-1], chosen_lbte[1:])
         return out
 
-    return jax.jit(step, in_shardings=(state_sh, batch_sharding(mesh)))
+    return jax.jit(step, in_shardings=(state_sh, batch_sharding(mesh, rules_for(cfg.parallel))),
+                   out_shardings=NamedSharding(mesh, P()))
 
 
 def to_host(tree):
