@@ -1,11 +1,14 @@
-"""Command line: `python -m toolkit {train, inspect, config}`.
+"""Command line: `python -m toolkit {train, inspect, config, launch}`.
 
     python -m toolkit train --preset tiny --mesh data=2,fsdp=4 --out runs/tiny
     python -m toolkit train --preset tiny --set moe.num_experts=16 --set train.steps=300
     python -m toolkit inspect --preset tiny --mesh fsdp=8   # memory and collectives per device
     python -m toolkit config --preset tiny          # every key, its value and meaning
+    python -m toolkit launch --processes 2 -- train --mesh data=2,expert=4   # 2 JAX processes
+    srun python -m toolkit train --distributed ...  # every process of a SLURM or TPU job
 
 On CPU the CLI simulates `--devices` devices (8 by default), set before JAX starts.
+Multi-process runs join through `jax.distributed` (see `toolkit.sharding.distributed`).
 """
 
 import argparse
@@ -33,6 +36,18 @@ def _parser():
             s.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
             s.add_argument("--resume", action="store_true", help="continue the run in --out")
             s.add_argument("--no-progress", action="store_true", help="no progress bar")
+            s.add_argument("--distributed", action="store_true",
+                           help="call jax.distributed.initialize() first, which detects a "
+                                "SLURM, Open MPI or Cloud TPU job; run the same command in "
+                                "every process (launch sets this up on one machine)")
+    s = sub.add_parser("launch", help="run a command as several local JAX processes",
+                       description="python -m toolkit launch --processes 2 -- train --preset "
+                                   "tiny --mesh data=2,expert=4")
+    s.add_argument("--processes", type=int, default=2, help="local processes (default: 2)")
+    s.add_argument("--devices", type=int, default=8,
+                   help="simulated CPU devices in all, split evenly (default: 8)")
+    s.add_argument("rest", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                   help="the toolkit command each process runs, e.g. -- train --preset tiny")
     return p
 
 
@@ -61,10 +76,24 @@ def _config(args):
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "launch":
+        from toolkit.sharding.distributed import launch
+        try:
+            return launch(args.rest, processes=args.processes, devices=args.devices)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     flags = os.environ.get("XLA_FLAGS", "")
     if args.command != "config" and "xla_force_host_platform_device_count" not in flags:
         # Only the CPU backend reads this; on GPU/TPU the accelerators are the devices.
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
+    if args.command != "config":
+        from toolkit.sharding.distributed import initialize_from_env
+        try:
+            initialize_from_env(auto=getattr(args, "distributed", False))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     from toolkit.config import ConfigError, describe
     try:
         cfg = _config(args)
@@ -88,8 +117,9 @@ def main(argv=None) -> int:
             print(f"\ninterrupted; the latest checkpoint is step {step} in {trainer.out_dir}/; "
                   f"continue with the same command plus --resume", file=sys.stderr)
             return 130
-        print((trainer.out_dir / "report.md").read_text())
-        print(f"run written to {trainer.out_dir}/")
+        if trainer.writes_files:
+            print((trainer.out_dir / "report.md").read_text())
+            print(f"run written to {trainer.out_dir}/")
         return 0
     except ConfigError as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)

@@ -11,6 +11,11 @@ A run directory holds `config.json`, `metrics.jsonl` (one line per logged step a
 validation pass), `checkpoints/`, and at the end `summary.json`, PNG plots and
 `report.md`. An existing run is never overwritten: pass `resume=True` to continue it
 from its latest checkpoint, exactly where an uninterrupted run would be.
+
+In a multi-process run (`jax.distributed`, see `toolkit.sharding.distributed`) every
+process runs the same loop: each builds the whole global batch (a pure function of seed
+and step) and places its own devices' slices, and all save checkpoints together, while
+only process 0 writes the other run files and shows the progress bar.
 """
 
 import json
@@ -20,6 +25,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from toolkit.analysis import (
     count_params,
@@ -35,7 +41,7 @@ from toolkit.analysis import (
 from toolkit.config import Config, ConfigError, from_dict, validate
 from toolkit.data import Batches, load_corpus, unigram_bits_per_byte
 from toolkit.models.transformer import moe_layer_indices
-from toolkit.sharding.mesh import MESH_AXES, batch_sharding, make_mesh
+from toolkit.sharding.mesh import MESH_AXES, batch_sharding, make_mesh, rules_for
 from toolkit.training.checkpoint import Checkpointer
 from toolkit.training.report import render_report
 from toolkit.training.step import (
@@ -83,6 +89,7 @@ class Trainer:
       history: one metrics dict per step (host floats and lists).
       val_history: one record per validation pass (loss and bits/byte per domain, counts).
       out_dir: the run directory, or None to write nothing.
+      writes_files: whether this process writes run files (process 0 of a multi-process run).
     """
 
     def __init__(self, cfg: Config, *, out_dir=None, resume: bool = False, devices=None,
@@ -93,6 +100,7 @@ class Trainer:
         validate(cfg, len(devices), domain_tokens=self.corpus.num_tokens())
         self.cfg, self.progress = cfg, progress
         self.out_dir = Path(out_dir) if out_dir else None
+        self.writes_files = jax.process_index() == 0
         self.batches = Batches(self.corpus, seq_len=cfg.model.seq_len,
                                batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                                domain_weights=cfg.data.domain_weights)
@@ -134,8 +142,11 @@ class Trainer:
                                  for k in before if before[k] != after[k])
                 raise ConfigError(f"--resume: the config differs from {config_path} ({diff}); "
                                   f"resume with the same --preset/--set values, or start a new --out")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(config_path, self.cfg.to_json())
+        if jax.process_count() > 1:     # every process has checked before process 0 writes
+            multihost_utils.sync_global_devices("toolkit: run directory checked")
+        if self.writes_files:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            _write_atomic(config_path, self.cfg.to_json())
         return Checkpointer(ckpt_dir, keep=self.cfg.train.keep_checkpoints)
 
     def _reload_metrics(self):
@@ -151,17 +162,21 @@ class Trainer:
             if rec["step"] <= self.step_num:
                 kept.append(line)
                 (self.val_history if rec.get("split") == "val" else self.history).append(rec)
-        _write_atomic(path, "".join(k + "\n" for k in kept))
+        if self.writes_files:
+            _write_atomic(path, "".join(k + "\n" for k in kept))
 
     def _log(self, rec: dict):
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.writes_files:
             with open(self.out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
     # -- steps ---------------------------------------------------------------------------
     def _device_batch(self, batch: dict) -> dict:
-        sh = batch_sharding(self.mesh)
-        return {k: jax.device_put(v, sh) for k, v in batch.items()}
+        """The global batch as sharded arrays (as the steps take them); each process fills
+        only its own devices."""
+        sh = batch_sharding(self.mesh, rules_for(self.cfg.parallel))
+        return {k: jax.make_array_from_callback(v.shape, sh, lambda index, v=v: v[index])
+                for k, v in batch.items()}
 
     def train_step(self) -> dict:
         """Run one optimizer step; return its metrics as host values (also logged)."""
@@ -232,7 +247,7 @@ class Trainer:
         """Train to `train.steps` (evaluating and checkpointing on schedule), then finish."""
         t = self.cfg.train
         bar = None
-        if self.progress:
+        if self.progress and self.writes_files:
             from tqdm.auto import tqdm
             bar = tqdm(total=t.steps, initial=self.step_num, desc=self.cfg.name, unit="step")
         try:
@@ -252,7 +267,13 @@ class Trainer:
         return self.finish()
 
     def _save_on_interrupt(self) -> None:
-        """Ctrl-C: keep the work done so far, unless the step in flight consumed the state."""
+        """Ctrl-C: keep the work done so far, unless the step in flight consumed the state.
+
+        Not in a multi-process run: the processes may stop at different points, and a save
+        that only some of them join would hang; the scheduled checkpoints remain.
+        """
+        if jax.process_count() > 1:
+            return
         alive = not any(x.is_deleted() for x in jax.tree.leaves(self.state))
         if self.checkpointer is not None and alive and \
                 self.checkpointer.latest_step() != self.step_num:
@@ -310,6 +331,7 @@ class Trainer:
         if self.out_dir is not None:
             if self.checkpointer.latest_step() != self.step_num:
                 self.save_checkpoint()
+        if self.out_dir is not None and self.writes_files:
             _write_atomic(self.out_dir / "summary.json", json.dumps(s, indent=2))
             plots.save(plots.loss_curves(self.history, self.val_history), self.out_dir / "loss.png")
             if self.moe_layers:
