@@ -3,6 +3,7 @@
     python -m toolkit train --preset tiny --mesh data=2,fsdp=4 --out runs/tiny
     python -m toolkit train --preset tiny --set moe.num_experts=16 --set train.steps=300
     python -m toolkit inspect --preset tiny --mesh fsdp=8   # memory and collectives per device
+    python -m toolkit inspect --mesh data=2,expert=4 --recipe ep --set moe.dispatch=capacity
     python -m toolkit config --preset tiny          # every key, its value and meaning
     python -m toolkit launch --processes 2 -- train --mesh data=2,expert=4   # 2 JAX processes
     srun python -m toolkit train --distributed ...  # every process of a SLURM or TPU job
@@ -29,6 +30,9 @@ def _parser():
                        help="dotted override, e.g. moe.num_experts=16 (repeatable)")
         s.add_argument("--mesh", default=None, metavar="AXIS=N,...",
                        help="mesh axis sizes, e.g. data=2,fsdp=4 (axes: data, fsdp, tensor, expert)")
+        s.add_argument("--recipe", default=None,
+                       help="parallelism recipe: dp, fsdp, tp, ep, fsdp_ep, fsdp_tp_ep (default) "
+                            "or folded; same as --set parallel.recipe=...")
         if name in ("train", "inspect"):
             s.add_argument("--devices", type=int, default=8,
                            help="simulated devices when running on CPU (default: 8)")
@@ -71,7 +75,8 @@ def _config(args):
 
         from toolkit.config import ParallelConfig
         cfg = dataclasses.replace(cfg, parallel=ParallelConfig(data=1))
-    return apply_overrides(cfg, _mesh_overrides(args.mesh) + list(args.set))
+    recipe = [f"parallel.recipe={args.recipe}"] if args.recipe else []
+    return apply_overrides(cfg, _mesh_overrides(args.mesh) + recipe + list(args.set))
 
 
 def main(argv=None) -> int:
@@ -104,8 +109,15 @@ def main(argv=None) -> int:
                 print(f"{key:<{width}}  {value!r:<14}  {meaning}")
             return 0
         if args.command == "inspect":
-            from toolkit.training.inspect import inspect_train_step, render_inspection
+            from toolkit.training.inspect import (
+                communication_check,
+                inspect_train_step,
+                render_communication,
+                render_inspection,
+            )
             print(render_inspection(inspect_train_step(cfg)))
+            print("\none block alone, bytes one device sends, compiled HLO vs formula:")
+            print(render_communication(communication_check(cfg)))
             return 0
         from toolkit.training import Trainer
         out = args.out or os.path.join("runs", cfg.name)

@@ -5,7 +5,12 @@ import pytest
 from toolkit.analysis import count_params
 from toolkit.analysis.collectives import Collective, parse_collectives, summarize_collectives
 from toolkit.config import apply_overrides, tiny
-from toolkit.training.inspect import inspect_train_step, render_inspection
+from toolkit.training.inspect import (
+    block_collectives,
+    communication_check,
+    inspect_train_step,
+    render_inspection,
+)
 
 # lines as XLA prints them (cut short); the three spellings of replica groups, an async pair
 HLO = """
@@ -62,3 +67,43 @@ def test_inspect_reports_memory_and_collectives_per_device():
     assert fsdp["param_bytes"] < params / 4                        # sharded 8 ways (norms not)
     assert fsdp["argument_bytes"] < dp["argument_bytes"] / 4
     assert "all-gather" in fsdp["collectives"] and "all-gather" in render_inspection(fsdp)
+
+
+def _check(*overrides):
+    cfg = apply_overrides(tiny(), ["model.num_layers=2", *overrides])
+    return {(r["what"].split()[0], r["kind"]): r for r in communication_check(cfg)}
+
+
+EP = ["parallel.data=2", "parallel.expert=4", "parallel.recipe=ep"]
+CAPACITY = ["moe.dispatch=capacity", "moe.capacity_factor=1.0"]
+
+
+def test_expert_all_to_all_bytes_match_the_formula_and_bigmac_moves_r_times_less():
+    cfg = apply_overrides(tiny(), [*EP, *CAPACITY])
+    rows = _check(*EP, *CAPACITY)
+    a2a = rows[("expert", "all-to-all")]
+    tokens = cfg.train.batch_size * cfg.model.seq_len // 8           # T per device
+    k, d, ep = cfg.moe.top_k, cfg.model.d_model, 4
+    assert a2a["analytic_bytes"] == 2 * k * (ep - 1) / ep * tokens * d * 4
+    assert a2a["measured_bytes"] == pytest.approx(a2a["analytic_bytes"])
+    bigmac = _check(*EP, *CAPACITY, "moe.bigmac_ratio=0.25")[("expert", "all-to-all")]
+    assert bigmac["measured_bytes"] == pytest.approx(0.25 * a2a["measured_bytes"])
+
+
+def test_ring_of_experts_gathers_and_scatters_each_token_once_per_peer():
+    rows = _check(*EP)                                                 # dropless on CPU
+    for kind in ("all-gather", "reduce-scatter"):
+        assert rows[("expert", kind)]["measured_bytes"] == pytest.approx(
+            rows[("expert", kind)]["analytic_bytes"])
+    assert ("expert", "all-to-all") not in rows
+
+
+def test_tensor_parallel_layer_all_reduces_match_megatron():
+    cfg = apply_overrides(tiny(), ["model.num_layers=2", "parallel.data=4", "parallel.tensor=2",
+                                   "parallel.recipe=tp"])
+    forward = block_collectives(cfg, moe=False, backward=False)
+    act = (cfg.train.batch_size // 4, cfg.model.seq_len, cfg.model.d_model)
+    assert [o.kind for o in forward if o.shape == act] == ["all-reduce"] * 2   # attention, MLP
+    row = _check("parallel.data=4", "parallel.tensor=2", "parallel.recipe=tp")[
+        ("tensor", "all-reduce")]
+    assert row["measured_bytes"] == pytest.approx(row["analytic_bytes"])   # 8 b s h (t-1)/t

@@ -41,12 +41,16 @@ class Collective:
       result_bytes: bytes of its result on one device (for async `-start` ops, the result
         part of the returned tuple).
       group_size: devices in each of its replica groups.
+      dtype: element type of its (last) result array, e.g. "f32".
+      shape: dimensions of that array on one device.
     """
 
     name: str
     kind: str
     result_bytes: float
     group_size: int
+    dtype: str = ""
+    shape: tuple = ()
 
     @property
     def sent_bytes(self) -> float:
@@ -92,7 +96,10 @@ def parse_collectives(hlo_text: str) -> list:
         sizes = _array_bytes(result)
         size = sizes[-1] if is_async and len(sizes) > 1 else sum(sizes)
         group = 2 if kind == "collective-permute" else _group_size(line)
-        ops.append(Collective(name=name, kind=kind, result_bytes=size, group_size=group))
+        arrays = [(t, d) for t, d in _ARRAY.findall(result) if t in _DTYPE_BYTES]
+        dtype, dims = arrays[-1] if arrays else ("", "")
+        ops.append(Collective(name=name, kind=kind, result_bytes=size, group_size=group,
+                              dtype=dtype, shape=tuple(int(d) for d in dims.split(",") if d)))
     return ops
 
 

@@ -8,7 +8,13 @@ goes through `pallas_kernels.flash_attention`: Pallas flash attention on GPU and
 
     attn = Attention(cfg.model, rngs=nnx.Rngs(0))
     y_btd = attn(x_btd, positions_bt)
+
+On a mesh the heads are split over the tensor-parallel axis (Megatron): each device
+attends with its own query heads and their kv heads, and one all-reduce adds the output
+projections (`toolkit.sharding.tensor_parallel`).
 """
+
+import functools
 
 import jax.numpy as jnp
 from flax import nnx
@@ -16,6 +22,7 @@ from flax import nnx
 from pallas_kernels import flash_attention
 from toolkit.config import ModelConfig
 from toolkit.models.layers import param, rope
+from toolkit.sharding.tensor_parallel import psum_if, tensor_parallel
 
 
 class Attention(nnx.Module):
@@ -30,10 +37,20 @@ class Attention(nnx.Module):
 
     def __call__(self, x_btd, positions_bt):
         dt = x_btd.dtype
-        q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, self.w_q[...].astype(dt))
-        k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.w_k[...].astype(dt))
-        v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.w_v[...].astype(dt))
-        q_btnh = rope(q_btnh, positions_bt, self.rope_theta)
-        k_btkh = rope(k_btkh, positions_bt, self.rope_theta)
-        o_btnh = flash_attention(q_btnh, k_btkh, v_btkh, causal=True, impl=self.impl)
-        return jnp.einsum("btnh,nhd->btd", o_btnh, self.w_o[...].astype(dt))
+        weights = [(self.w_q[...].astype(dt), ("embed", "heads", "kv")),
+                   (self.w_k[...].astype(dt), ("embed", "kv_heads", "kv")),
+                   (self.w_v[...].astype(dt), ("embed", "kv_heads", "kv")),
+                   (self.w_o[...].astype(dt), ("heads", "kv", "embed"))]
+        local = functools.partial(_attention, theta=self.rope_theta, impl=self.impl)
+        return tensor_parallel(local, x_btd, weights, split=("heads", "kv_heads"),
+                               extra=(positions_bt,))
+
+
+def _attention(x_btd, positions_bt, w_q, w_k, w_v, w_o, *, theta, impl, tensor_axis):
+    """Attention on one device's heads: x `[B, S, d]`, w_q `[d, N_local, h]`, w_k, w_v
+    `[d, K_local, h]`, w_o `[N_local, h, d]`; the output projections summed over devices."""
+    q_btnh = rope(jnp.einsum("btd,dnh->btnh", x_btd, w_q), positions_bt, theta)
+    k_btkh = rope(jnp.einsum("btd,dkh->btkh", x_btd, w_k), positions_bt, theta)
+    v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, w_v)
+    o_btnh = flash_attention(q_btnh, k_btkh, v_btkh, causal=True, impl=impl)
+    return psum_if(jnp.einsum("btnh,nhd->btd", o_btnh, w_o), tensor_axis)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from toolkit.sharding.rules import constrain
+from toolkit.sharding.tensor_parallel import psum_if, tensor_parallel
 
 
 def param(rngs: nnx.Rngs, shape, names, *, fan_in=None, scale=1.0) -> nnx.Param:
@@ -61,7 +62,8 @@ def rope(x_bthk, positions_bt, theta: float):
 
 
 class SwiGLU(nnx.Module):
-    """Dense gated MLP: (silu(x W_gate) * x W_up) W_down."""
+    """Dense gated MLP: (silu(x W_gate) * x W_up) W_down; on a mesh, column- then
+    row-parallel over the tensor axis with one all-reduce (`tensor_parallel`)."""
 
     def __init__(self, d_model: int, d_ff: int, *, rngs: nnx.Rngs):
         self.w_gate = param(rngs, (d_model, d_ff), ("embed", "mlp"))
@@ -70,5 +72,13 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x):
         dt = x.dtype
-        h = jax.nn.silu(x @ self.w_gate[...].astype(dt)) * (x @ self.w_up[...].astype(dt))
-        return h @ self.w_down[...].astype(dt)
+        weights = [(self.w_gate[...].astype(dt), ("embed", "mlp")),
+                   (self.w_up[...].astype(dt), ("embed", "mlp")),
+                   (self.w_down[...].astype(dt), ("mlp", "embed"))]
+        return tensor_parallel(_swiglu, x, weights, split="mlp")
+
+
+def _swiglu(x, w_gate, w_up, w_down, *, tensor_axis):
+    """One device's hidden slice: w_gate, w_up `[d, F_local]`, w_down `[F_local, d]`."""
+    h = jax.nn.silu(x @ w_gate) * (x @ w_up)
+    return psum_if(h @ w_down, tensor_axis)

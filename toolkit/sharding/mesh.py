@@ -52,6 +52,15 @@ def state_shardings(state, mesh, rules=None):
     return jax.tree.map(one, state, is_leaf=_is_var)
 
 
+def sharded_abstract(abstract, mesh, rules=None):
+    """An abstract nnx State (from `nnx.eval_shape`) with each leaf a ShapeDtypeStruct that
+    carries its sharding: a compile or restore target that allocates nothing."""
+    def one(var, sharding):
+        value = var.get_value()
+        return var.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
+    return jax.tree.map(one, abstract, state_shardings(abstract, mesh, rules), is_leaf=_is_var)
+
+
 def batch_sharding(mesh, rules=None) -> NamedSharding:
     """Sharding of `[batch, seq]` token arrays."""
     return NamedSharding(mesh, logical_to_spec(("batch", "seq"), rules))

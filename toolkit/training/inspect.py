@@ -9,16 +9,27 @@ arrays, and reads back:
 
     info = inspect_train_step(cfg)                  # cfg validated against the devices
     print(render_inspection(info))                  # what `python -m toolkit inspect` prints
+
+`communication_check` compiles one transformer block alone and sets the bytes its
+collectives move beside the analytic formulas: the expert exchange of an MoE block
+(`expert_parallel.comm_bytes`) and Megatron tensor parallelism of a dense block
+(`tensor_parallel.tensor_parallel_bytes`).
 """
 
 import math
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding
 
 from toolkit.analysis.collectives import parse_collectives, summarize_collectives
 from toolkit.config import Config, validate
-from toolkit.sharding.mesh import MESH_AXES, batch_sharding, make_mesh
+from toolkit.models.transformer import Block
+from toolkit.sharding.expert_parallel import comm_bytes
+from toolkit.sharding.mesh import MESH_AXES, batch_sharding, make_mesh, rules_for, sharded_abstract
+from toolkit.sharding.rules import logical_to_spec, mesh_axes_of, use_rules
+from toolkit.sharding.tensor_parallel import tensor_parallel_bytes
 from toolkit.training.step import abstract_state, graphdef_of, make_train_step
 
 
@@ -74,3 +85,79 @@ def render_inspection(info: dict) -> str:
     if not info["collectives"]:
         lines.append("  (none: every array is local)")
     return "\n".join(lines)
+
+
+def block_collectives(cfg: Config, *, moe: bool, backward: bool, devices=None) -> list:
+    """The collectives of one transformer block (MoE or dense) applied to a batch of
+    `train.batch_size` sequences on `cfg`'s mesh: forward only, or forward and backward."""
+    devices = list(devices if devices is not None else jax.devices())
+    mesh, rules = make_mesh(cfg.parallel, devices), rules_for(cfg.parallel)
+    m = cfg.model
+    with use_rules(rules):
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: Block(cfg, moe, rngs=nnx.Rngs(0))))
+        state = sharded_abstract(state, mesh, rules)
+        x_sh = NamedSharding(mesh, logical_to_spec(("batch", "seq", "embed")))
+    x = jax.ShapeDtypeStruct((cfg.train.batch_size, m.seq_len, m.d_model), jnp.dtype(m.dtype),
+                             sharding=x_sh)
+
+    def f(state, x_btd):
+        with use_rules(rules):
+            block = nnx.merge(graphdef, state)
+            positions = jnp.broadcast_to(jnp.arange(x_btd.shape[1]), x_btd.shape[:2])
+            return jnp.sum(block(x_btd, positions, {})[0].astype(jnp.float32))
+
+    fn = jax.grad(f, argnums=(0, 1)) if backward else f
+    with jax.set_mesh(mesh):
+        return parse_collectives(jax.jit(fn).lower(state, x).compile().as_text())
+
+
+def communication_check(cfg: Config, devices=None) -> list:
+    """Rows `{what, kind, measured_bytes, analytic_bytes}` for `cfg` on its mesh.
+
+    * expert exchange of one MoE block, forward: the all-to-all bytes (capacity) or the
+      token all-gather and reduce-scatter bytes (dropless, all_gather exchange) a device
+      sends, against `comm_bytes` for its T tokens of width d (r*d for BigMac);
+    * tensor parallelism of one dense block, forward and backward: the all-reduces of
+      `[b, s, d]` activations, against `8 * b*s*d * (t-1)/t`.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    cfg = validate(cfg, num_devices=len(devices))
+    sizes, rules = cfg.parallel.axis_sizes(len(devices)), rules_for(cfg.parallel)
+    size = lambda name: math.prod(sizes[a] for a in mesh_axes_of(name, rules))
+    m, moe, rows = cfg.model, cfg.moe, []
+    itemsize = jnp.dtype(m.dtype).itemsize
+    ep, tp = size("expert"), size("heads")
+    if moe.num_experts and ep > 1:
+        tokens = cfg.train.batch_size * m.seq_len // size("moe_batch")
+        d = max(1, round(moe.bigmac_ratio * m.d_model)) if moe.bigmac_ratio else m.d_model
+        analytic = comm_bytes(moe, tokens, d, ep, itemsize)
+        ops = block_collectives(cfg, moe=True, backward=False, devices=devices)
+        floats = [o for o in ops if o.dtype in ("f32", "bf16") and o.shape and o.shape[-1] == d]
+        for kind in ("all-to-all", "all-gather", "reduce-scatter"):
+            if analytic[kind]:
+                measured = sum(o.sent_bytes for o in floats if o.kind == kind)
+                rows.append({"what": "expert exchange per MoE layer (forward)", "kind": kind,
+                             "measured_bytes": measured, "analytic_bytes": analytic[kind]})
+    if tp > 1:
+        b = cfg.train.batch_size // size("batch")
+        ops = block_collectives(cfg, moe=False, backward=True, devices=devices)
+        act = (b, m.seq_len, m.d_model)
+        measured = sum(o.sent_bytes for o in ops if o.kind == "all-reduce" and o.shape == act)
+        rows.append({"what": "tensor parallelism per dense layer (forward + backward)",
+                     "kind": "all-reduce", "measured_bytes": measured,
+                     "analytic_bytes": tensor_parallel_bytes(b, m.seq_len, m.d_model, tp, itemsize)})
+    return rows
+
+
+def render_communication(rows) -> str:
+    if not rows:
+        return "no expert or tensor parallelism on this mesh: nothing to check"
+    lines = [f"  {'collective':<56}{'kind':<16}{'HLO':>12}{'formula':>12}"]
+    kib = lambda b: f"{b / 1024:,.1f} KiB"
+    for r in rows:
+        lines.append(f"  {r['what']:<56}{r['kind']:<16}{kib(r['measured_bytes']):>12}"
+                     f"{kib(r['analytic_bytes']):>12}")
+    return "\n".join(lines)
+
+
+

@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 from toolkit.config import Config
 from toolkit.models.transformer import Transformer
 from toolkit.moe.router import update_bias
-from toolkit.sharding.mesh import batch_sharding, rules_for, state_shardings
+from toolkit.sharding.mesh import batch_sharding, rules_for, sharded_abstract, state_shardings
 
 
 def lr_schedule(cfg: Config) -> optax.Schedule:
@@ -77,12 +77,7 @@ def graphdef_of(cfg: Config):
 def abstract_state(cfg: Config, mesh):
     """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
     _, abstract = nnx.split(nnx.eval_shape(lambda: _build(cfg, cfg.train.seed)))
-    shardings = state_shardings(abstract, mesh, rules_for(cfg.parallel))
-    def with_sharding(var, sharding):
-        value = var.get_value()
-        return var.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
-    return jax.tree.map(with_sharding, abstract, shardings,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return sharded_abstract(abstract, mesh, rules_for(cfg.parallel))
 
 
 def mtp_loss(mtp_logits_jbtv, targets_bt):
