@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import micro
 
+from toolkit.analysis.routing import inter_layer_affinity, inter_layer_mutual_information
 from toolkit.data import ByteTokenizer
 from toolkit.data.tokenizer import BOS
 from toolkit.training import Trainer
@@ -190,6 +191,13 @@ def test_affinity_rows_are_distributions(trained):
     assert trained.trainer.val_history[-1]["step"] == trained.trainer.step_num
     counts = np.asarray(trained.trainer.val_history[-1]["affinity_counts"])[0]
     np.testing.assert_allclose(p_lij[0].sum(-1)[counts.sum(-1) > 0], 1.0)
+
+
+def test_one_moe_layer_has_no_layer_pairs():
+    # the end-of-run report reads these from the JSON record, where [0, E, E] becomes []
+    assert inter_layer_affinity([]).shape == (0, 0, 0)
+    assert inter_layer_mutual_information([]).shape == (0,)
+    assert inter_layer_mutual_information(np.zeros((0, 4, 4))).shape == (0,)
 
 
 def test_view_renders_and_forwards(trained):

@@ -85,8 +85,10 @@ def domain_preferences(domain_counts_lde, domains, top: int = 2) -> list:
 
 def inter_layer_affinity(affinity_counts_lij) -> np.ndarray:
     """[L-1, E, E] P(expert j at MoE layer l+1 | expert i at layer l) (ExFlow's affinity);
-    rows of experts that layer l never chose are 0."""
+    rows of experts that layer l never chose are 0 (empty with one MoE layer)."""
     c = np.asarray(affinity_counts_lij, np.float64)
+    if c.size == 0:
+        return np.zeros((0, 0, 0))
     return c / np.maximum(c.sum(-1, keepdims=True), 1e-12)
 
 
@@ -94,6 +96,8 @@ def inter_layer_mutual_information(affinity_counts_lij) -> np.ndarray:
     """[L-1] bits of mutual information between the experts chosen at consecutive layers:
     0 when layer l+1 routes independently of layer l (RMoE measures this dependency)."""
     c = np.asarray(affinity_counts_lij, np.float64)
+    if c.size == 0:                  # one MoE layer: no consecutive pair
+        return np.zeros((0,))
     p_lij = c / np.maximum(c.sum((-1, -2), keepdims=True), 1e-12)
     joint = _entropy_bits(p_lij.reshape(p_lij.shape[0], -1))
     return _entropy_bits(p_lij.sum(-1)) + _entropy_bits(p_lij.sum(-2)) - joint
