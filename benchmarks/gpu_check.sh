@@ -4,7 +4,8 @@
 #     bash benchmarks/gpu_check.sh            # from the repository root; ~5 min on an H100
 #
 # 1. compiles and runs the Pallas kernels (gmm, tgmm, flash attention) against their
-#    references: the tests marked `gpu` (or `tpu`), skipped on CPU;
+#    references, and XLA's ragged all-to-all (dropless expert parallelism) against its
+#    definition: the tests marked `gpu` (or `tpu`), skipped on CPU;
 # 2. times gmm against cuBLAS dense matmuls and ragged_dot, and attention against
 #    jax.nn.dot_product_attention (XLA and cuDNN), at full-size shapes, writing
 #    benchmarks/results/kernels-<device>.{json,md}.
@@ -18,7 +19,8 @@ marker=$($PY -c "import jax; print({'gpu': 'gpu', 'tpu': 'tpu'}.get(jax.default_
 $PY -m pytest -q -m "$marker" -p no:cacheprovider \
     tests/test_pallas_kernels/test_gmm_pallas.py \
     tests/test_pallas_kernels/test_flash_attention.py \
-    tests/test_pallas_kernels/test_flash_attention_tpu.py
+    tests/test_pallas_kernels/test_flash_attention_tpu.py \
+    tests/test_toolkit/test_expert_parallel.py
 tests=$?
 $PY benchmarks/kernels.py --full --repeats 10
 bench=$?
