@@ -40,6 +40,8 @@ ROWS = {
     "dp": ["parallel.data=8", "parallel.recipe=dp"],
     "fsdp": ["parallel.data=2", "parallel.fsdp=4", "parallel.recipe=fsdp"],
     "tp": ["parallel.data=4", "parallel.tensor=2", "parallel.recipe=tp"],
+    "tp_overlap2": ["parallel.data=4", "parallel.tensor=2", "parallel.recipe=tp",
+                    "parallel.overlap_chunks=2"],
     "ep_dropless": ["parallel.data=2", "parallel.expert=4", "parallel.recipe=ep"],
     "ep_capacity": ["parallel.data=2", "parallel.expert=4", "parallel.recipe=ep", *_CAP],
     "ep_capacity_overlap2": ["parallel.data=2", "parallel.expert=4", "parallel.recipe=ep",

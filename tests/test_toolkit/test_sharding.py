@@ -85,7 +85,7 @@ def test_recipe_loss_and_grads_equal_single_device(single, recipe, dispatch):
     ("ragged_exchange", {**RECIPES["fsdp_ep"][0], "dropless_exchange": "ragged_all_to_all"}, {}),
     ("overlap_capacity", {**RECIPES["ep"][0], "overlap_chunks": 3}, {**CAPACITY,
                                                                       "dispatch_groups": 8}),
-    ("overlap_dropless", {**RECIPES["folded"][0], "overlap_chunks": 2}, {}),
+    ("overlap_dropless_and_tensor", {**RECIPES["folded"][0], "overlap_chunks": 2}, {}),
     ("zero_computation_experts", RECIPES["ep"][0], {"zero_experts": 1, "copy_experts": 1}),
 ])
 def test_expert_parallel_variants_equal_single_device(single, name, mesh, moe):

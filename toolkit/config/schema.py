@@ -201,9 +201,10 @@ class ParallelConfig:
         rows, and a reduce-scatter returns the sums: the "ring of experts"; any backend),
         or "auto" (ragged_all_to_all on GPU/TPU, all_gather on CPU where XLA lacks it).
         Capacity dispatch always uses fixed-size all-to-alls.
-      overlap_chunks: split each device's expert-parallel exchange into this many chunks
-        (capacity slots, or tokens for dropless) so one chunk's communication can overlap
-        another's expert compute (Tutel-style pipelining); results are identical.
+      overlap_chunks: split each device's communication into this many independent
+        pieces so one piece's communication can overlap another's compute: the expert
+        exchange by capacity slots or tokens (Tutel-style pipelining), and the tensor-parallel
+        all-reduces by sequences (TokenWeave-style token split). Results are identical.
     """
 
     data: int = -1

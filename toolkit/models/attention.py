@@ -26,7 +26,9 @@ from toolkit.sharding.tensor_parallel import psum_if, tensor_parallel
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, impl: str = "", rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, impl: str = "", tp_chunks: int = 1, rngs: nnx.Rngs):
+        """`impl`: the flash-attention backend; `tp_chunks`: token pieces per device under
+        tensor parallelism, each with its own all-reduce (`parallel.overlap_chunks`)."""
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.w_q = param(rngs, (d, n, h), ("embed", "heads", "kv"))
         self.w_k = param(rngs, (d, k, h), ("embed", "kv_heads", "kv"))
@@ -34,6 +36,7 @@ class Attention(nnx.Module):
         self.w_o = param(rngs, (n, h, d), ("heads", "kv", "embed"), fan_in=n * h)
         self.rope_theta = cfg.rope_theta
         self.impl = impl or None
+        self.tp_chunks = tp_chunks
 
     def __call__(self, x_btd, positions_bt):
         dt = x_btd.dtype
@@ -43,7 +46,7 @@ class Attention(nnx.Module):
                    (self.w_o[...].astype(dt), ("heads", "kv", "embed"))]
         local = functools.partial(_attention, theta=self.rope_theta, impl=self.impl)
         return tensor_parallel(local, x_btd, weights, split=("heads", "kv_heads"),
-                               extra=(positions_bt,))
+                               extra=(positions_bt,), chunks=self.tp_chunks)
 
 
 def _attention(x_btd, positions_bt, w_q, w_k, w_v, w_o, *, theta, impl, tensor_axis):

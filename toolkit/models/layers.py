@@ -65,7 +65,10 @@ class SwiGLU(nnx.Module):
     """Dense gated MLP: (silu(x W_gate) * x W_up) W_down; on a mesh, column- then
     row-parallel over the tensor axis with one all-reduce (`tensor_parallel`)."""
 
-    def __init__(self, d_model: int, d_ff: int, *, rngs: nnx.Rngs):
+    def __init__(self, d_model: int, d_ff: int, *, tp_chunks: int = 1, rngs: nnx.Rngs):
+        """`tp_chunks`: token pieces per device under tensor parallelism, each with its own
+        all-reduce (`parallel.overlap_chunks`)."""
+        self.tp_chunks = tp_chunks
         self.w_gate = param(rngs, (d_model, d_ff), ("embed", "mlp"))
         self.w_up = param(rngs, (d_model, d_ff), ("embed", "mlp"))
         self.w_down = param(rngs, (d_ff, d_model), ("mlp", "embed"))
@@ -75,7 +78,7 @@ class SwiGLU(nnx.Module):
         weights = [(self.w_gate[...].astype(dt), ("embed", "mlp")),
                    (self.w_up[...].astype(dt), ("embed", "mlp")),
                    (self.w_down[...].astype(dt), ("mlp", "embed"))]
-        return tensor_parallel(_swiglu, x, weights, split="mlp")
+        return tensor_parallel(_swiglu, x, weights, split="mlp", chunks=self.tp_chunks)
 
 
 def _swiglu(x, w_gate, w_up, w_down, *, tensor_axis):

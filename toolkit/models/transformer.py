@@ -50,13 +50,15 @@ class Block(nnx.Module):
     def __init__(self, cfg: Config, is_moe: bool, *, shared_gru=None, rngs: nnx.Rngs):
         m = cfg.model
         self.attn_norm = RMSNorm(m.d_model, eps=m.norm_eps)
-        self.attn = Attention(m, impl=cfg.kernels.attention, rngs=rngs)
+        chunks = cfg.parallel.overlap_chunks
+        self.attn = Attention(m, impl=cfg.kernels.attention, tp_chunks=chunks, rngs=rngs)
         self.ffn_norm = RMSNorm(m.d_model, eps=m.norm_eps)
         self.is_moe = is_moe
         self.pre_attention = cfg.moe.router_placement == "pre_attention"
         self.ffn = MoELayer(m.d_model, cfg.moe, d_expert=cfg.moe.expert_width(m.d_ff),
                             gmm_impl=cfg.kernels.gmm, shared_gru=shared_gru, parallel=cfg.parallel,
-                            rngs=rngs) if is_moe else SwiGLU(m.d_model, m.d_ff, rngs=rngs)
+                            rngs=rngs) if is_moe else SwiGLU(m.d_model, m.d_ff, tp_chunks=chunks,
+                                                               rngs=rngs)
 
     def __call__(self, x_btd, positions_bt, state=None):
         """`(x_btd, aux, state)`: aux is the MoE layer's record (None when dense)."""

@@ -105,7 +105,8 @@ class MoELayer(nnx.Module):
                                d_small_expert=cfg.d_small_expert,
                                activation=cfg.expert_activation, gmm_impl=gmm_impl, rngs=rngs)
         self.local = LocalExperts(d_model, cfg, rngs=rngs) if cfg.num_local_experts else None
-        self.shared = (SwiGLU(d_model, cfg.num_shared_experts * d_expert, rngs=rngs)
+        chunks = parallel.overlap_chunks if parallel is not None else 1
+        self.shared = (SwiGLU(d_model, cfg.num_shared_experts * d_expert, tp_chunks=chunks, rngs=rngs)
                        if cfg.num_shared_experts else None)
 
     def num_groups(self, batch: int) -> int:

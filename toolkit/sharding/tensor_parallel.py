@@ -34,7 +34,7 @@ def _live(axes, mesh) -> tuple:
     return tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
 
 
-def tensor_parallel(local_fn, x_btd, weights, *, split="mlp", extra=()):
+def tensor_parallel(local_fn, x_btd, weights, *, split="mlp", extra=(), chunks: int = 1):
     """Run `local_fn(x, *extra, *weights, tensor_axis=...)` on each device's shards.
 
     Args:
@@ -45,6 +45,9 @@ def tensor_parallel(local_fn, x_btd, weights, *, split="mlp", extra=()):
         "kv_heads") stays split, any other sharded dimension is gathered.
       split: the logical names whose mesh axes are the tensor-parallel ones (str or tuple).
       extra: further arrays laid out like `x_btd` on their leading dimension (positions).
+      chunks: split each device's sequences into this many pieces, each with its own
+        all-reduce, so one piece's all-reduce can overlap the next one's compute (the
+        TokenWeave-style token split; `parallel.overlap_chunks`). Same result.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
@@ -68,7 +71,13 @@ def tensor_parallel(local_fn, x_btd, weights, *, split="mlp", extra=()):
         for i, dims in enumerate(gathers):
             for dim, axes in dims:       # FSDP: gather the sharded model width per use
                 ws[i] = jax.lax.all_gather(ws[i], axes, axis=dim, tiled=True)
-        return local_fn(x, *ex, *ws, tensor_axis=tensor or None)
+        n = x.shape[0]
+        if chunks == 1 or n < 2:
+            return local_fn(x, *ex, *ws, tensor_axis=tensor or None)
+        cuts = [round(i * n / min(chunks, n)) for i in range(min(chunks, n) + 1)]
+        return jax.numpy.concatenate(
+            [local_fn(x[a:b], *(e[a:b] for e in ex), *ws, tensor_axis=tensor or None)
+             for a, b in zip(cuts, cuts[1:], strict=False)], axis=0)
 
     fn = jax.shard_map(local, in_specs=(P(b),) + (P(b),) * len(extra) + tuple(specs),
                        out_specs=P(b), check_vma=False)

@@ -141,8 +141,10 @@ def communication_check(cfg: Config, devices=None) -> list:
     if tp > 1:
         b = cfg.train.batch_size // size("batch")
         ops = block_collectives(cfg, moe=False, backward=True, devices=devices)
-        act = (b, m.seq_len, m.d_model)
-        measured = sum(o.sent_bytes for o in ops if o.kind == "all-reduce" and o.shape == act)
+        # [b, s, d] activations, or [b/n, s, d] pieces with parallel.overlap_chunks=n
+        # (XLA may fuse the pieces into one all-reduce of a tuple).
+        act = lambda o: len(o.shape) == 3 and o.shape[1:] == (m.seq_len, m.d_model)
+        measured = sum(o.sent_bytes for o in ops if o.kind == "all-reduce" and act(o))
         rows.append({"what": "tensor parallelism per dense layer (forward + backward)",
                      "kind": "all-reduce", "measured_bytes": measured,
                      "analytic_bytes": tensor_parallel_bytes(b, m.seq_len, m.d_model, tp, itemsize)})
