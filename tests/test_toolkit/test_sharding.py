@@ -126,3 +126,15 @@ def test_training_trajectory_matches_across_meshes():
         a, b = one.train_step(), many.train_step()
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-5)
     assert jnp.isfinite(a["loss"])
+
+
+def test_pallas_kernels_run_on_local_shards_inside_shard_map():
+    # The Pallas GPU kernels (interpreted on CPU) cannot be split by the partitioner: under
+    # tensor and expert parallelism they must see each device's heads and experts and still
+    # give the single-device result.
+    kernels = {"attention": "pallas_gpu", "gmm": "pallas_gpu"}
+    model = {**ONE_LAYER, "num_heads": 2, "num_kv_heads": 2, "head_dim": 16}
+    one = _loss_and_grads(micro(moe=MOE, model=model, kernels=kernels), jax.devices()[:1])
+    mesh = {"data": 2, "tensor": 2, "expert": 2, "recipe": "folded"}
+    _assert_same(_loss_and_grads(micro(moe=MOE, model=model, kernels=kernels, parallel=mesh),
+                                 jax.devices()), one)
