@@ -58,7 +58,7 @@ def inspect_train_step(cfg: Config, devices=None) -> dict:
     sizes = cfg.parallel.axis_sizes(len(devices))
     return {
         "mesh": ",".join(f"{a}={sizes[a]}" for a in MESH_AXES if sizes[a] > 1) or "1 device",
-        "devices": len(devices),
+        "devices": len(devices), "recipe": cfg.parallel.recipe,
         "state_bytes": _bytes_per_device(state),
         "param_bytes": _bytes_per_device(state[0]),     # the model; state[1] is the optimizer
         "argument_bytes": int(memory.argument_size_in_bytes),
@@ -71,7 +71,8 @@ def inspect_train_step(cfg: Config, devices=None) -> dict:
 def render_inspection(info: dict) -> str:
     """A plain-text report of `inspect_train_step`'s result."""
     mib = lambda b: f"{b / 2**20:,.2f} MiB"
-    lines = [f"train step on mesh {info['mesh']} ({info['devices']} devices), per device:",
+    lines = [f"train step on mesh {info['mesh']} ({info['devices']} devices, recipe "
+             f"{info['recipe']}), per device:",
              f"  model (parameters)       {mib(info['param_bytes'])}",
              f"  parameters + optimizer   {mib(info['state_bytes'])}",
              f"  step arguments           {mib(info['argument_bytes'])}",

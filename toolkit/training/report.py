@@ -11,7 +11,8 @@ def _fmt(x, nd=3):
 def render_report(s: dict, *, with_plots: bool = False) -> str:
     """Markdown for a summary; `with_plots` adds the line naming the run's PNG files."""
     lines = [f"# Run `{s['name']}`", "",
-             f"{s['steps']} steps, {s['tokens_seen']:,} tokens, mesh {s['mesh']}, "
+             f"{s['steps']} steps, {s['tokens_seen']:,} tokens, mesh {s['mesh']} "
+             f"(recipe {s.get('recipe', 'fsdp_tp_ep')}), "
              f"{s['num_devices']} {s['platform']} devices. Parameters: {s['params_total']:,} total, "
              f"{s['params_active']:,} active per token.", "",
              "| metric | value |", "|---|---|",
