@@ -6,10 +6,11 @@
     aux.dropped_fraction    # share of assignments past capacity (0 when dropless)
 
 Tokens are dispatched in groups of whole sequences (`moe.dispatch_groups`; by default one
-group per batch shard of the mesh, so each device routes its own tokens and nothing crosses
-devices). Dropless results do not depend on the grouping; with capacity dispatch, capacity
-is per group, as in GShard and Switch where each device has its own expert buffers. Router
-statistics and losses always cover the whole batch.
+group per device of the mesh's MoE token split, logical axis `moe_batch`, so each device
+plans its own tokens; with expert parallelism `toolkit.sharding.expert_parallel.routed_ffn`
+then moves them to their experts' devices and back). Dropless results do not depend on the
+grouping; with capacity dispatch, capacity is per group, as in GShard and Switch where each
+device has its own expert buffers. Router statistics and losses always cover the whole batch.
 
 The router chooses among `moe.num_routed` experts: the FFN experts (big, then small),
 which dispatch sends through the grouped matmuls, and the local experts (MoE++ zero, copy

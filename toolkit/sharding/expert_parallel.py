@@ -195,6 +195,8 @@ def _ragged_exchange(h_gtd, routing, compute, lay, num_experts, ragged_all_to_al
         in_off = _exclusive_cumsum(send)
         out_off = _exclusive_cumsum(sent, axis=0)[me]           # where my rows land at each dest
         recv_off = _exclusive_cumsum(recv)
+        # The receive buffer holds the worst case (every peer sends all its rows here), so
+        # nothing is ever dropped; that is ep x the local rows of memory.
         xr = ragged_all_to_all(xs_rd, jnp.zeros((ep * rows, d), xs_rd.dtype), in_off, send,
                                out_off, recv, axis_name=lay.ep)  # [ep * R, d], by source
         # Each received row's local expert: sources in order, each sorted by expert.
