@@ -17,7 +17,7 @@ HLO = """
   %all-gather.3 = f32[128,2,32]{2,1,0} all-gather(%param.192), channel_id=7, replica_groups=mesh['axis_0'=4,'axis_1'=1,'axis_3'=2], device_ids=([2,4]T(1,0)) {'axis_0'}, dimensions={0}
   %all-reduce.1 = (f32[64]{0}, bf16[8,8]{1,0}) all-reduce(%a, %b), channel_id=2, replica_groups={{0,1},{2,3},{4,5},{6,7}}, to_apply=%add
   %reduce-scatter = f32[16,4]{1,0} reduce-scatter(%g), channel_id=3, replica_groups=[2,4]<=[8], dimensions={0}
-  ROOT %all-to-all.9 = s32[8,16]{1,0} all-to-all(%x), channel_id=4, replica_groups=[1,8]<=[8], dimensions={0}
+  ROOT %all-to-all.9 = s32[8,16]{1,0} all-to-all(%x), channel_id=4, replica_groups=[1,8]<=[8], dimensions={0}, metadata={op_name="jit(f)/shard_map/expert_exchange/all_to_all" stack_frame_id=5}
   %all-gather-start = (f32[4]{0}, f32[16]{0}) all-gather-start(%p), channel_id=5, replica_groups=[2,4]<=[8], dimensions={0}
   %all-gather-done = f32[16]{0} all-gather-done(%all-gather-start)
   %add.1 = f32[16]{0} add(%all-gather-done, %all-gather-done)
@@ -33,6 +33,8 @@ def test_parse_reads_each_spelling_of_shapes_and_groups():
         ("all-to-all", 8 * 16 * 4, 8),
         ("all-gather", 16 * 4, 4),            # async: the result, not the operand
     ]
+    assert ops[3].scope.endswith("expert_exchange/all_to_all") and ops[3].shape == (8, 16)
+    assert ops[3].dtype == "s32" and ops[0].scope == ""
     s = summarize_collectives(ops)
     assert s["all-gather"]["count"] == 2
     assert s["all-reduce"]["sent_bytes"] == pytest.approx(2 * (1 / 2) * (64 * 4 + 128))

@@ -43,6 +43,8 @@ class Collective:
       group_size: devices in each of its replica groups.
       dtype: element type of its (last) result array, e.g. "f32".
       shape: dimensions of that array on one device.
+      scope: the JAX op name XLA kept as metadata, with the `jax.named_scope`s it ran
+        under (e.g. ".../shard_map/expert_exchange/all_to_all"), "" if none.
     """
 
     name: str
@@ -51,6 +53,7 @@ class Collective:
     group_size: int
     dtype: str = ""
     shape: tuple = ()
+    scope: str = ""
 
     @property
     def sent_bytes(self) -> float:
@@ -98,8 +101,10 @@ def parse_collectives(hlo_text: str) -> list:
         group = 2 if kind == "collective-permute" else _group_size(line)
         arrays = [(t, d) for t, d in _ARRAY.findall(result) if t in _DTYPE_BYTES]
         dtype, dims = arrays[-1] if arrays else ("", "")
+        scope = re.search(r'op_name="([^"]*)"', line)
         ops.append(Collective(name=name, kind=kind, result_bytes=size, group_size=group,
-                              dtype=dtype, shape=tuple(int(d) for d in dims.split(",") if d)))
+                              dtype=dtype, shape=tuple(int(d) for d in dims.split(",") if d),
+                              scope=scope.group(1) if scope else ""))
     return ops
 
 

@@ -83,6 +83,34 @@ def _exclusive_cumsum(x, axis=0):
     return jnp.cumsum(x, axis=axis) - x
 
 
+# The token exchange runs under one named scope, which XLA keeps in each collective's
+# metadata: `communication_check` finds exactly these ops in the compiled HLO.
+SCOPE = "expert_exchange"
+
+
+def _all_to_all(x, axes):
+    with jax.named_scope(SCOPE):
+        return jax.lax.all_to_all(x, axes, 1, 1)
+
+
+def _all_gather(x, axes):
+    with jax.named_scope(SCOPE):
+        return jax.lax.all_gather(x, axes, axis=0, tiled=True)
+
+
+def _reduce_scatter(x, axes):
+    with jax.named_scope(SCOPE):
+        return jax.lax.psum_scatter(x, axes, scatter_dimension=0, tiled=True)
+
+
+def _ragged_all_to_all(*args, axis_name):
+    """XLA's ragged all-to-all; on CPU, which lacks it, the padded emulation below."""
+    fn = (_ragged_all_to_all_emulated if jax.default_backend() == "cpu"
+          else jax.lax.ragged_all_to_all)
+    with jax.named_scope(SCOPE):
+        return fn(*args, axis_name=axis_name)
+
+
 def routed_ffn(h_gtd, routing_g: Routing, experts, moe, parallel=None):
     """Routed experts for dispatch groups `h_gtd` `[G, T, d]` with their routing `[G, T, k]`.
 
@@ -136,9 +164,7 @@ def _local_moe(h_gtd, weights_gtk, ids_gtk, valid_gtk, expert_weights, *, lay, e
     elif lay.exchange == "all_gather":
         y, zeros, total = _ring_of_experts(h_gtd, routing, compute, lay, num_experts)
     else:
-        exchange = (_ragged_all_to_all_emulated if jax.default_backend() == "cpu"
-                    else jax.lax.ragged_all_to_all)
-        y, zeros, total = _ragged_exchange(h_gtd, routing, compute, lay, num_experts, exchange)
+        y, zeros, total = _ragged_exchange(h_gtd, routing, compute, lay, num_experts)
     count = lambda a: jnp.sum(a).reshape(1).astype(jnp.float32)
     return y, plan.group_sizes, plan.kept, count(zeros), count(total)
 
@@ -151,10 +177,10 @@ def _capacity_all_to_all(h_gtd, plan, routing, compute, lay):
     for c0, c1 in _bounds(c, lay.chunks):                       # slots [c0, c1) of every expert
         x = xs_gecd[:, :, c0:c1].reshape(g, ep, e_l, c1 - c0, d)
         sizes = jnp.clip(plan.group_sizes - c0, 0, c1 - c0).reshape(g, ep, e_l)
-        x = jax.lax.all_to_all(x, lay.ep, 1, 1)                 # [G_l, ep (source), E_l, c, d]
-        sizes = jax.lax.all_to_all(sizes, lay.ep, 1, 1)
+        x = _all_to_all(x, lay.ep)                              # [G_l, ep (source), E_l, c, d]
+        sizes = _all_to_all(sizes, lay.ep)
         y, z, t = compute(x.reshape(g * ep, e_l, c1 - c0, d), sizes.reshape(g * ep, e_l))
-        y = jax.lax.all_to_all(y.reshape(g, ep, e_l, c1 - c0, d), lay.ep, 1, 1)
+        y = _all_to_all(y.reshape(g, ep, e_l, c1 - c0, d), lay.ep)
         ys.append(y.reshape(g, e, c1 - c0, d))
         zeros, total = zeros + jnp.sum(z), total + jnp.sum(t)
     ys_gecd = jnp.concatenate(ys, axis=2) if len(ys) > 1 else ys[0]
@@ -166,19 +192,19 @@ def _ring_of_experts(h_gtd, routing, compute, lay, num_experts):
     first = jax.lax.axis_index(lay.ep) * e_l                    # my experts: [first, first + E_l)
     ys, zeros, total = [], 0.0, 0.0
     for t0, t1 in _bounds(h_gtd.shape[1], lay.chunks):          # tokens [t0, t1) of every group
-        piece = lambda a, t0=t0, t1=t1: jax.lax.all_gather(a[:, t0:t1], lay.ep, axis=0, tiled=True)
+        piece = lambda a, t0=t0, t1=t1: _all_gather(a[:, t0:t1], lay.ep)
         h_all = piece(h_gtd)                                    # [ep * G_l, t, d]
         r_all = jax.tree.map(piece, routing)
         plan = jax.vmap(lambda r: dropless_plan(r, num_experts))(r_all)
         xs = jax.vmap(dispatch)(h_all, plan)                    # [ep * G_l, t * k, d]
         y, z, t = compute(xs, plan.group_sizes, group_offset=first)
         y = jax.vmap(combine)(y, plan, r_all)                   # my experts' terms only
-        ys.append(jax.lax.psum_scatter(y, lay.ep, scatter_dimension=0, tiled=True))
+        ys.append(_reduce_scatter(y, lay.ep))
         zeros, total = zeros + jnp.sum(z), total + jnp.sum(t)
     return (jnp.concatenate(ys, axis=1) if len(ys) > 1 else ys[0]), zeros, total
 
 
-def _ragged_exchange(h_gtd, routing, compute, lay, num_experts, ragged_all_to_all):
+def _ragged_exchange(h_gtd, routing, compute, lay, num_experts):
     g, t, d = h_gtd.shape
     ep, e_l = lay.ep_size, num_experts // lay.ep_size
     me = jax.lax.axis_index(lay.ep)
@@ -189,7 +215,8 @@ def _ragged_exchange(h_gtd, routing, compute, lay, num_experts, ragged_all_to_al
         xs_rd = dispatch(h_gtd[:, t0:t1].reshape(-1, d), plan)  # [R, d]
         rows = xs_rd.shape[0]
         sizes_pe = plan.group_sizes.reshape(ep, e_l)            # rows for each device's experts
-        all_sizes = jax.lax.all_gather(sizes_pe, lay.ep)        # [ep (source), ep (dest), E_l]
+        with jax.named_scope(SCOPE):                            # [ep (source), ep (dest), E_l]
+            all_sizes = jax.lax.all_gather(sizes_pe, lay.ep)
         sent = jnp.sum(all_sizes, axis=-1)                      # [source, dest] rows
         send, recv = sent[me], sent[:, me]
         in_off = _exclusive_cumsum(send)
@@ -197,7 +224,7 @@ def _ragged_exchange(h_gtd, routing, compute, lay, num_experts, ragged_all_to_al
         recv_off = _exclusive_cumsum(recv)
         # The receive buffer holds the worst case (every peer sends all its rows here), so
         # nothing is ever dropped; that is ep x the local rows of memory.
-        xr = ragged_all_to_all(xs_rd, jnp.zeros((ep * rows, d), xs_rd.dtype), in_off, send,
+        xr = _ragged_all_to_all(xs_rd, jnp.zeros((ep * rows, d), xs_rd.dtype), in_off, send,
                                out_off, recv, axis_name=lay.ep)  # [ep * R, d], by source
         # Each received row's local expert: sources in order, each sorted by expert.
         r_idx = jnp.arange(ep * rows)
@@ -210,7 +237,7 @@ def _ragged_exchange(h_gtd, routing, compute, lay, num_experts, ragged_all_to_al
         y, z, tt = compute(xr[order][None], jnp.sum(all_sizes[:, me, :], axis=0)[None])
         y_r = jnp.zeros_like(y[0]).at[order].set(y[0])
         back_off = _exclusive_cumsum(sent, axis=1)[:, me]       # where each source keeps them
-        ys_rd = ragged_all_to_all(y_r, jnp.zeros((rows, d), y_r.dtype), recv_off, recv, back_off,
+        ys_rd = _ragged_all_to_all(y_r, jnp.zeros((rows, d), y_r.dtype), recv_off, recv, back_off,
                                   send, axis_name=lay.ep)
         ys.append(combine(ys_rd, plan, r).reshape(g, t1 - t0, d))
         zeros, total = zeros + jnp.sum(z), total + jnp.sum(tt)
@@ -232,19 +259,29 @@ def _ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, outp
     return output.at[dest.reshape(-1)].set(chunks.reshape(-1, d), mode="drop")
 
 
-def comm_bytes(moe, tokens: int, d: int, ep: int, itemsize: int = 4) -> dict:
+def comm_bytes(moe, tokens: int, d: int, ep: int, itemsize: int = 4,
+               exchange: str = "all_gather") -> dict:
     """Analytic bytes one device sends per MoE layer forward through the expert exchange.
 
-    `tokens`: the device's tokens T; `d`: the dispatched width (r*d for BigMac). Capacity:
-    two all-to-alls of E*C*d*(ep-1)/ep, C = ceil(cf*T*k/E) (2*k*(ep-1)/ep*T*d at cf = 1).
-    Dropless all_gather: an all-gather and a reduce-scatter of (ep-1)*T*d each.
+    `tokens`: the device's tokens T; `d`: the dispatched width (r*d for BigMac);
+    `exchange`: the dropless exchange (`parallel.dropless_exchange` resolved).
+      capacity: two all-to-alls of E*C*d*(ep-1)/ep, C = ceil(cf*T*k/E)
+        (2*k*(ep-1)/ep*T*d at cf = 1);
+      dropless all_gather: an all-gather of (ep-1)*T*d and of the float32 routing weights
+        (ep-1)*T*k (ids and masks travel too, as integers), a reduce-scatter of (ep-1)*T*d;
+      dropless ragged_all_to_all: data-dependent; at uniform load 2*k*(ep-1)/ep*T*d, the
+        rows that leave the device (the CPU emulation pads, so it sends ep times more).
     """
     from toolkit.moe.dispatch import capacity
+    out = {"all-to-all": 0, "all-gather": 0, "reduce-scatter": 0}
     if ep == 1:
-        return {"all-to-all": 0, "all-gather": 0, "reduce-scatter": 0}
+        return out
     if moe.dispatch == "capacity":
         c = capacity(tokens, moe.top_k, moe.num_ffn_experts, moe.capacity_factor)
-        one = moe.num_ffn_experts * c * d * (ep - 1) // ep * itemsize
-        return {"all-to-all": 2 * one, "all-gather": 0, "reduce-scatter": 0}
-    return {"all-to-all": 0, "all-gather": (ep - 1) * tokens * d * itemsize,
-            "reduce-scatter": (ep - 1) * tokens * d * itemsize}
+        out["all-to-all"] = 2 * moe.num_ffn_experts * c * d * (ep - 1) // ep * itemsize
+    elif exchange == "ragged_all_to_all":
+        out["all-to-all"] = 2 * moe.top_k * tokens * d * (ep - 1) // ep * itemsize
+    else:
+        out["reduce-scatter"] = (ep - 1) * tokens * d * itemsize
+        out["all-gather"] = out["reduce-scatter"] + (ep - 1) * tokens * moe.top_k * 4
+    return out

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 from toolkit.analysis.collectives import parse_collectives, summarize_collectives
 from toolkit.config import Config, validate
 from toolkit.models.transformer import Block
-from toolkit.sharding.expert_parallel import comm_bytes
+from toolkit.sharding.expert_parallel import SCOPE, comm_bytes, layout
 from toolkit.sharding.mesh import MESH_AXES, batch_sharding, make_mesh, rules_for, sharded_abstract
 from toolkit.sharding.rules import logical_to_spec, mesh_axes_of, use_rules
 from toolkit.sharding.tensor_parallel import tensor_parallel_bytes
@@ -131,14 +131,20 @@ def communication_check(cfg: Config, devices=None) -> list:
     if moe.num_experts and ep > 1:
         tokens = cfg.train.batch_size * m.seq_len // size("moe_batch")
         d = max(1, round(moe.bigmac_ratio * m.d_model)) if moe.bigmac_ratio else m.d_model
-        analytic = comm_bytes(moe, tokens, d, ep, itemsize)
+        exchange = layout(make_mesh(cfg.parallel, devices), cfg.parallel).exchange
+        analytic = comm_bytes(moe, tokens, d, ep, itemsize, exchange)
         ops = block_collectives(cfg, moe=True, backward=False, devices=devices)
-        floats = [o for o in ops if o.dtype in ("f32", "bf16") and o.shape and o.shape[-1] == d]
+        # float rows only (tokens, routing weights), not the integer ids, sizes and offsets
+        ops = [o for o in ops if SCOPE in o.scope and o.dtype in ("f32", "bf16")]
+        what = "expert exchange per MoE layer (forward)"
+        if moe.dispatch != "capacity" and exchange == "ragged_all_to_all":
+            what += "; ragged: formula at uniform load" + (", CPU emulation pads"
+                                                           if jax.default_backend() == "cpu" else "")
         for kind in ("all-to-all", "all-gather", "reduce-scatter"):
             if analytic[kind]:
-                measured = sum(o.sent_bytes for o in floats if o.kind == kind)
-                rows.append({"what": "expert exchange per MoE layer (forward)", "kind": kind,
-                             "measured_bytes": measured, "analytic_bytes": analytic[kind]})
+                measured = sum(o.sent_bytes for o in ops if o.kind == kind)
+                rows.append({"what": what, "kind": kind, "measured_bytes": measured,
+                             "analytic_bytes": analytic[kind]})
     if tp > 1:
         b = cfg.train.batch_size // size("batch")
         ops = block_collectives(cfg, moe=False, backward=True, devices=devices)
@@ -155,10 +161,11 @@ def communication_check(cfg: Config, devices=None) -> list:
 def render_communication(rows) -> str:
     if not rows:
         return "no expert or tensor parallelism on this mesh: nothing to check"
-    lines = [f"  {'collective':<56}{'kind':<16}{'HLO':>12}{'formula':>12}"]
+    width = max(56, *(len(r["what"]) + 2 for r in rows))
+    lines = [f"  {'collective':<{width}}{'kind':<16}{'HLO':>12}{'formula':>12}"]
     kib = lambda b: f"{b / 1024:,.1f} KiB"
     for r in rows:
-        lines.append(f"  {r['what']:<56}{r['kind']:<16}{kib(r['measured_bytes']):>12}"
+        lines.append(f"  {r['what']:<{width}}{r['kind']:<16}{kib(r['measured_bytes']):>12}"
                      f"{kib(r['analytic_bytes']):>12}")
     return "\n".join(lines)
 

@@ -7,11 +7,17 @@
 
     explorer = RoutingExplorer("tiny", router="top_p")     # the state, driven by tests too
     display(RoutingExplorerView(explorer).widget)          # the widget over it
+
+    ex = ParallelismExplorer("tiny", expert=2, recipe="ep")  # a mesh and a recipe, as state
+    display(ParallelismExplorerView(ex).widget)
 """
 
 from toolkit.widgets.live_plots import LivePlots, figure_png, status_line
+from toolkit.widgets.parallelism import CHOICES, Choice, ParallelismExplorer, recipes_table
+from toolkit.widgets.parallelism_view import VIEWS, ParallelismExplorerView
 from toolkit.widgets.routing_explorer import KNOBS, Knob, RoutingExplorer, expert_names, top_expert
 from toolkit.widgets.routing_explorer_view import FIGURES, RoutingExplorerView
 
-__all__ = ["FIGURES", "KNOBS", "Knob", "LivePlots", "RoutingExplorer", "RoutingExplorerView",
-           "expert_names", "figure_png", "status_line", "top_expert"]
+__all__ = ["CHOICES", "FIGURES", "KNOBS", "VIEWS", "Choice", "Knob", "LivePlots", "ParallelismExplorer",
+           "ParallelismExplorerView", "RoutingExplorer", "RoutingExplorerView", "expert_names", "figure_png",
+           "recipes_table", "status_line", "top_expert"]
