@@ -33,6 +33,12 @@ DEVICES = 8
 EXTRA_OVERRIDES = ["model.num_layers=2", "train.batch_size=8", "model.seq_len=32",
                    "data.max_code_bytes=300000", "train.eval_batches=1"]
 ''',
+    "04_parallelism": '''\
+DEVICES = 8
+EXTRA_OVERRIDES = ["model.num_layers=1", "model.d_model=32", "model.head_dim=8", "model.d_ff=64",
+                   "model.seq_len=16", "train.batch_size=8", "moe.d_expert=32",
+                   "data.max_code_bytes=300000"]
+''',
 }
 
 
@@ -69,6 +75,11 @@ def executed_01():
 @pytest.fixture(scope="module")
 def executed_02():
     return _execute("02_routing_explorer")
+
+
+@pytest.fixture(scope="module")
+def executed_04():
+    return _execute("04_parallelism")
 
 
 def test_01_train_and_watch_runs(executed_01):
@@ -111,6 +122,27 @@ def test_02_routing_explorer_runs(executed_02):
     text = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
                    for out in cell.outputs)
     assert "8 cpu devices" in text and "the config is valid" in text and "moe.top_p = 0.5" in text
+
+
+def test_04_parallelism_runs(executed_04):
+    nb = executed_04
+    errors = _errors(nb)
+    assert not errors, errors
+    assert _outputs(nb, "application/vnd.jupyter.widget-view+json"), "the widget was not displayed"
+    html = "\n".join(_outputs(nb, "text/html"))
+    assert "logical axis -&gt; mesh axes, per recipe" in html
+    # the folded recipe: experts over expert x tensor, attention heads over tensor
+    assert "P((&#x27;expert&#x27;, &#x27;tensor&#x27;), &#x27;fsdp&#x27;, None)" in html
+    for caption in ("collectives in the compiled step", "bytes one device sends, compiled block vs formula",
+                    "tensor parallelism per dense layer", "the mesh vs one device"):
+        assert caption in html, caption
+    text = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
+                   for out in cell.outputs)
+    assert "8 cpu devices" in text and "the config is valid" in text
+    assert "recipe folded" in text and "8 MoE dispatch groups" in text
+    assert "model.num_kv_heads=2 is not divisible by mesh axis tensor=8" in text   # the bad mesh
+    diffs = re.search(r"loss difference (\S+), max gradient difference (\S+)", text)
+    assert diffs and float(diffs[1]) < 1e-5 and float(diffs[2]) < 1e-5, text
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in NOTEBOOKS.glob("*.py")))
