@@ -49,7 +49,7 @@ def inspect_train_step(cfg: Config, devices=None) -> dict:
     mesh = make_mesh(cfg.parallel, devices)
     state = abstract_state(cfg, mesh)
     step = make_train_step(cfg, graphdef_of(cfg), mesh, state)
-    sh = batch_sharding(mesh)
+    sh = batch_sharding(mesh, rules_for(cfg.parallel))
     batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.model.seq_len), jnp.int32,
                                      sharding=sh) for k in ("tokens", "targets", "domain")}
     with jax.set_mesh(mesh):

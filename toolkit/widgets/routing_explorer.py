@@ -27,7 +27,7 @@ from flax import nnx
 
 from toolkit.analysis import experts_per_token_histogram, inter_layer_affinity
 from toolkit.config import Config, ConfigError, apply_overrides, from_dict, preset, validate
-from toolkit.sharding.mesh import batch_sharding
+from toolkit.sharding.mesh import batch_sharding, rules_for
 from toolkit.training import Trainer
 
 
@@ -318,9 +318,10 @@ class RoutingExplorer:
         if self._probe_fn is None:
             self._probe_fn = _make_probe(t)
         out = {}
+        sharding = batch_sharding(t.mesh, rules_for(t.cfg.parallel))
         for domain, batch in t.batches.validation(1):
             with jax.set_mesh(t.mesh):
-                ids = self._probe_fn(t.state, jax.device_put(batch["tokens"], batch_sharding(t.mesh)))
+                ids = self._probe_fn(t.state, jax.device_put(batch["tokens"], sharding))
             out[domain] = {"tokens": batch["tokens"], "expert_ids": np.asarray(jax.device_get(ids))}
         self._probe_cache = (t.step_num, out)
         return out
@@ -363,4 +364,5 @@ def _make_probe(trainer: Trainer):
         model.eval()
         return model(tokens_bt)[1].expert_ids
 
-    return jax.jit(probe, in_shardings=(state_sh, batch_sharding(trainer.mesh)))
+    batch_sh = batch_sharding(trainer.mesh, rules_for(trainer.cfg.parallel))
+    return jax.jit(probe, in_shardings=(state_sh, batch_sh))
