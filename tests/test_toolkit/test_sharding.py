@@ -5,11 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import micro
-from flax import nnx
 
-from toolkit.data import Batches, load_corpus
-from toolkit.sharding import batch_sharding, logical_to_spec, make_mesh
-from toolkit.training import Trainer, init_state, loss_fn
+from toolkit.sharding import logical_to_spec
+from toolkit.training import Trainer
+from toolkit.training.inspect import loss_and_grads
 
 # Every recipe on the 8-device mesh; the dispatch groups (one per device of the MoE token
 # split) that capacity dispatch fills. Tensor parallelism stops at 2: micro has 2 kv heads.
@@ -28,22 +27,8 @@ CAPACITY = {"dispatch": "capacity", "capacity_factor": 1.0}     # drops some ass
 
 
 def _loss_and_grads(cfg, devices):
-    mesh = make_mesh(cfg.parallel, devices)
-    graphdef, state = init_state(cfg, mesh)
-    corpus = load_corpus(cfg.data)
-    batch = Batches(corpus, seq_len=cfg.model.seq_len, batch_size=cfg.train.batch_size,
-                    seed=0).train(0)
-    batch = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in batch.items()}
-
-    @jax.jit
-    def f(state, batch):
-        model, _ = nnx.merge(graphdef, state)
-        (loss, _), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, cfg)
-        return loss, grads
-
-    with jax.set_mesh(mesh):
-        loss, grads = f(state, batch)
-    return float(loss), jax.tree.map(np.asarray, grads), state
+    loss, grads, state = loss_and_grads(cfg, devices)
+    return loss, jax.tree.map(np.asarray, grads), state
 
 
 @pytest.fixture(scope="module")

@@ -32,10 +32,11 @@ from toolkit.config.schema import (
                                     TrainConfig,
                                     from_dict,
 )
-from toolkit.config.validate import validate
+from toolkit.config.validate import config_or_error, validate
 
 __all__ = [
     "PRESETS", "Config", "ConfigError", "DataConfig", "KernelConfig", "MoEConfig", "ModelConfig",
+    "config_or_error",
     "ParallelConfig", "TrainConfig", "all_keys", "apply_overrides", "deepseek_v3", "dense_twin", "describe",
     "from_dict", "ling_mini_2", "mixtral_8x7b", "preset", "qwen3_30b_a3b", "small", "tiny",
     "validate",

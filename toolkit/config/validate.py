@@ -347,3 +347,13 @@ def _recipe_errors(cfg: Config, sizes: dict, num_devices) -> list:
 def _recipes_using(axes: set) -> list:
     from toolkit.sharding.rules import RECIPES, recipe_axes
     return [r for r in RECIPES if axes <= recipe_axes(r)]
+
+
+def config_or_error(base: Config, overrides, num_devices=None) -> tuple:
+    """`(validated config, None)` for `base` with dotted `overrides`, or `(None, message)`
+    when they are invalid: what a widget shows instead of raising."""
+    from toolkit.config.overrides import apply_overrides
+    try:
+        return validate(apply_overrides(base, list(overrides)), num_devices), None
+    except ConfigError as e:
+        return None, str(e)

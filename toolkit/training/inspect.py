@@ -10,7 +10,8 @@ arrays, and reads back:
     info = inspect_train_step(cfg)                  # cfg validated against the devices
     print(render_inspection(info))                  # what `python -m toolkit inspect` prints
 
-`communication_check` compiles one transformer block alone and sets the bytes its
+`loss_and_grads` computes one batch's loss and gradients on a mesh (the single-device
+equivalence check). `communication_check` compiles one transformer block alone and sets the bytes its
 collectives move beside the analytic formulas: the expert exchange of an MoE block
 (`expert_parallel.comm_bytes`) and Megatron tensor parallelism of a dense block
 (`tensor_parallel.tensor_parallel_bytes`).
@@ -25,12 +26,13 @@ from jax.sharding import NamedSharding
 
 from toolkit.analysis.collectives import parse_collectives, summarize_collectives
 from toolkit.config import Config, validate
+from toolkit.data import Batches, load_corpus
 from toolkit.models.transformer import Block
 from toolkit.sharding.expert_parallel import SCOPE, comm_bytes, layout
 from toolkit.sharding.mesh import MESH_AXES, batch_sharding, make_mesh, rules_for, sharded_abstract
 from toolkit.sharding.rules import logical_to_spec, mesh_axes_of, use_rules
 from toolkit.sharding.tensor_parallel import tensor_parallel_bytes
-from toolkit.training.step import abstract_state, graphdef_of, make_train_step
+from toolkit.training.step import abstract_state, graphdef_of, init_state, loss_fn, make_train_step
 
 
 def _bytes_per_device(tree) -> int:
@@ -171,3 +173,27 @@ def render_communication(rows) -> str:
 
 
 
+
+
+def loss_and_grads(cfg: Config, devices=None, corpus=None) -> tuple:
+    """`(loss, grads, state)` of train batch 0 on `cfg`'s mesh over `devices`: the numbers an
+    equivalence check compares between a mesh and one device. `corpus`: a loaded corpus to
+    reuse (default: `load_corpus(cfg.data)`)."""
+    devices = list(devices if devices is not None else jax.devices())
+    mesh = make_mesh(cfg.parallel, devices)
+    graphdef, state = init_state(cfg, mesh)
+    corpus = corpus if corpus is not None else load_corpus(cfg.data)
+    batch = Batches(corpus, seq_len=cfg.model.seq_len, batch_size=cfg.train.batch_size,
+                    seed=cfg.train.seed, domain_weights=cfg.data.domain_weights).train(0)
+    sharding = batch_sharding(mesh, rules_for(cfg.parallel))
+    batch = {k: jax.device_put(v, sharding) for k, v in batch.items()}
+
+    @jax.jit
+    def f(state, batch):
+        model, _ = nnx.merge(graphdef, state)
+        (loss, _), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, cfg)
+        return loss, grads
+
+    with jax.set_mesh(mesh):
+        loss, grads = f(state, batch)
+    return float(loss), grads, state

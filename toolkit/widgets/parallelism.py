@@ -25,12 +25,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from toolkit.config import Config, ConfigError, apply_overrides, preset, validate
-from toolkit.data import Batches, load_corpus
-from toolkit.sharding.mesh import MESH_AXES, batch_sharding, make_mesh, rules_for
+from toolkit.config import Config, ConfigError, apply_overrides, config_or_error, preset
+from toolkit.data import load_corpus
+from toolkit.sharding.mesh import MESH_AXES, make_mesh, rules_for
 from toolkit.sharding.rules import LOGICAL_AXES, RECIPES, mesh_axes_of, recipe_rules
-from toolkit.training.inspect import communication_check, inspect_train_step
-from toolkit.training.step import abstract_state, init_state, loss_fn
+from toolkit.training.inspect import communication_check, inspect_train_step, loss_and_grads
+from toolkit.training.step import abstract_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,11 +153,8 @@ class ParallelismExplorer:
         return [f"{k}={v}" for k, v in self.values.items() if v != self._field(self._start, k)]
 
     def _rebuild(self) -> None:
-        try:
-            cfg = apply_overrides(self.base, [*self.base_overrides, *self.overrides()])
-            self.cfg, self.error = validate(cfg, len(self.devices)), None
-        except ConfigError as e:
-            self.cfg, self.error = None, str(e)
+        self.cfg, self.error = config_or_error(
+            self.base, [*self.base_overrides, *self.overrides()], len(self.devices))
 
     def choices(self) -> list:
         """The choices that matter for the current config (all of them while it is invalid)."""
@@ -277,21 +274,5 @@ class ParallelismExplorer:
         """(loss, {parameter path: gradient}) of train batch 0, on `devices`."""
         if cfg.data not in self._corpus:
             self._corpus[cfg.data] = load_corpus(cfg.data)
-        mesh = make_mesh(cfg.parallel, devices)
-        graphdef, state = init_state(cfg, mesh)
-        batch = Batches(self._corpus[cfg.data], seq_len=cfg.model.seq_len,
-                        batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                        domain_weights=cfg.data.domain_weights).train(0)
-        sharding = batch_sharding(mesh, rules_for(cfg.parallel))
-        batch = {k: jax.device_put(v, sharding) for k, v in batch.items()}
-
-        @jax.jit
-        def loss_and_grads(state, batch):
-            model, _ = nnx.merge(graphdef, state)
-            (loss, _), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, cfg)
-            return loss, grads
-
-        with jax.set_mesh(mesh):
-            loss, grads = loss_and_grads(state, batch)
-        flat = {_path(keys): np.asarray(v.get_value()) for keys, v in nnx.to_flat_state(grads)}
-        return float(loss), flat
+        loss, grads, _ = loss_and_grads(cfg, devices, self._corpus[cfg.data])
+        return loss, {_path(keys): np.asarray(v.get_value()) for keys, v in nnx.to_flat_state(grads)}

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from toolkit.analysis import experts_per_token_histogram, inter_layer_affinity
-from toolkit.config import Config, ConfigError, apply_overrides, from_dict, preset, validate
+from toolkit.config import Config, ConfigError, apply_overrides, config_or_error, from_dict, preset
 from toolkit.sharding.mesh import batch_sharding, rules_for
 from toolkit.training import Trainer
 
@@ -191,11 +191,8 @@ class RoutingExplorer:
         return True
 
     def _rebuild(self) -> None:
-        try:
-            cfg = apply_overrides(self.base, [*self.base_overrides, *self.overrides()])
-            self.cfg, self.error = validate(cfg, len(self.devices)), None
-        except ConfigError as e:
-            self.cfg, self.error = None, str(e)
+        self.cfg, self.error = config_or_error(
+            self.base, [*self.base_overrides, *self.overrides()], len(self.devices))
 
     @property
     def pending(self) -> bool:
