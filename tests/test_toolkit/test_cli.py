@@ -52,7 +52,15 @@ def test_train_on_the_8_device_mesh_end_to_end(tmp_path):
 def test_inspect_prints_memory_and_collectives():
     out = _cli("inspect", "--preset", "tiny", "--mesh", "fsdp=8", "--set", "model.num_layers=2")
     assert out.returncode == 0, out.stderr
-    assert "train step on mesh fsdp=8 (8 devices), per device:" in out.stdout
+    assert "train step on mesh fsdp=8 (8 devices, recipe fsdp_tp_ep), per device:" in out.stdout
     assert "all-gather" in out.stdout and "parameters + optimizer" in out.stdout
+    assert "nothing to check" in out.stdout       # no expert or tensor parallelism on fsdp=8
+    ep = _cli("inspect", "--mesh", "data=2,expert=4", "--recipe", "ep", "--set", "model.num_layers=2",
+              "--set", "moe.dispatch=capacity")
+    assert ep.returncode == 0, ep.stderr
+    row = [line for line in ep.stdout.splitlines() if "expert exchange" in line]
+    assert len(row) == 1 and "all-to-all" in row[0]
+    hlo, formula = row[0].split()[-4:-2], row[0].split()[-2:]
+    assert hlo == formula, row                    # the HLO bytes equal the formula's
     bad = _cli("inspect", "--mesh", "data=3")
     assert bad.returncode == 2 and "parallel mesh" in bad.stderr
