@@ -25,7 +25,7 @@ import math
 import os
 import time
 
-AXES = ("data", "fsdp", "tensor", "expert")
+AXES = ("pipeline", "data", "fsdp", "sequence", "tensor", "expert")
 
 
 def _parser():

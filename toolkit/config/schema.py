@@ -205,6 +205,26 @@ class ParallelConfig:
         pieces so one piece's communication can overlap another's compute: the expert
         exchange by capacity slots or tokens (Tutel-style pipelining), and the tensor-parallel
         all-reduces by sequences (TokenWeave-style token split). Results are identical.
+      pipeline: pipeline stages (`toolkit.sharding.pipeline`). The layers are split into
+        `pipeline * virtual_stages` equal chunks of identical structure; the embedding and
+        output layer are split over vocabulary across the pipeline (and tensor) devices
+        (vocabulary parallelism). Each step runs `train.microbatches` micro-batches.
+      sequence: context parallelism: each sequence is split into this many contiguous
+        pieces; attention exchanges keys and values (`context`), everything else is per token.
+      schedule: pipeline schedule (`toolkit.sharding.schedules`): "gpipe" (all forwards,
+        then all backwards), "1f1b" (PipeDream-Flush: at most p micro-batches in flight)
+        or "interleaved" (1F1B over `virtual_stages` chunks per device; Megatron).
+      virtual_stages: model chunks per pipeline device (v); > 1 needs "interleaved".
+      pipeline_remat: keep only each stage's input per in-flight micro-batch and recompute
+        the stage forward in its backward (GPipe's re-materialisation); False keeps the
+        stage's autodiff residuals instead (more memory, no recompute).
+      context: how context-parallel attention sees other pieces' keys and values: "ring"
+        (ring attention: K/V blocks passed around the `sequence` axis with `ppermute`,
+        online softmax) or "all_gather" (gather all K/V, attend to the causal prefix).
+      sequence_parallel: Megatron sequence parallelism: with tensor > 1, activations
+        outside attention and MLPs (norms, residual adds, routers) are split over `tensor`
+        along the sequence; the tensor-parallel all-reduce becomes a reduce-scatter, and an
+        all-gather precedes each tensor-parallel block.
     """
 
     data: int = -1
@@ -214,10 +234,18 @@ class ParallelConfig:
     recipe: str = "fsdp_tp_ep"
     dropless_exchange: str = "auto"
     overlap_chunks: int = 1
+    pipeline: int = 1
+    sequence: int = 1
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
+    pipeline_remat: bool = True
+    context: str = "ring"
+    sequence_parallel: bool = False
 
     def axis_sizes(self, num_devices: int) -> dict:
         """Axis name -> size with a -1 resolved against `num_devices`."""
-        sizes = {a: getattr(self, a) for a in ("data", "fsdp", "tensor", "expert")}
+        sizes = {a: getattr(self, a) for a in ("pipeline", "data", "fsdp", "sequence", "tensor",
+                                               "expert")}
         known = 1
         for v in sizes.values():
             known *= v if v > 0 else 1
@@ -244,6 +272,9 @@ class TrainConfig:
       checkpoint_every: steps between checkpoints (0: only at the end).
       keep_checkpoints: how many recent checkpoints to keep.
       log_every: steps between metric lines in metrics.jsonl.
+      microbatches: split each batch into this many micro-batches whose gradients are
+        accumulated into one optimizer step (the loss is their mean); with
+        `parallel.pipeline > 1` these are the pipeline's micro-batches (m).
     """
 
     steps: int = 300
@@ -261,6 +292,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 1
+    microbatches: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -33,7 +33,8 @@ def _positive(errors, key, value):
 
 def _mesh_errors(cfg: Config, num_devices) -> list:
     p, errors = cfg.parallel, []
-    sizes = {"data": p.data, "fsdp": p.fsdp, "tensor": p.tensor, "expert": p.expert}
+    sizes = {"pipeline": p.pipeline, "data": p.data, "fsdp": p.fsdp, "sequence": p.sequence,
+             "tensor": p.tensor, "expert": p.expert}
     fill = [k for k, v in sizes.items() if v == -1]
     for k, v in sizes.items():
         if v != -1 and (not isinstance(v, int) or v < 1):
@@ -159,7 +160,8 @@ def validate(cfg: Config, num_devices: int | None = None, domain_tokens: dict | 
     errors = []
     for key in ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff", "seq_len"):
         _positive(errors, f"model.{key}", getattr(m, key))
-    for key in ("steps", "batch_size", "eval_batches", "keep_checkpoints", "log_every"):
+    for key in ("steps", "batch_size", "eval_batches", "keep_checkpoints", "log_every",
+                "microbatches"):
         _positive(errors, f"train.{key}", getattr(t, key))
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
@@ -269,6 +271,7 @@ _EXCHANGES = ("auto", "ragged_all_to_all", "all_gather")
 
 def _parallel_option_errors(p) -> list:
     from toolkit.sharding.rules import RECIPES
+    from toolkit.sharding.schedules import SCHEDULES
     errors = []
     if p.recipe not in RECIPES:
         errors.append(f"parallel.recipe={p.recipe!r} is not a recipe; use one of {sorted(RECIPES)}")
@@ -277,6 +280,68 @@ def _parallel_option_errors(p) -> list:
     if not isinstance(p.overlap_chunks, int) or p.overlap_chunks < 1:
         errors.append(f"parallel.overlap_chunks={p.overlap_chunks!r} must be a positive integer "
                       f"(1: no chunking)")
+    if p.schedule not in SCHEDULES:
+        errors.append(f"parallel.schedule={p.schedule!r} is unknown; use one of {SCHEDULES}")
+    if not isinstance(p.virtual_stages, int) or p.virtual_stages < 1:
+        errors.append(f"parallel.virtual_stages={p.virtual_stages!r} must be a positive integer")
+    elif p.virtual_stages > 1 and p.schedule != "interleaved":
+        errors.append(f"parallel.virtual_stages={p.virtual_stages} needs parallel.schedule="
+                      f"'interleaved' (got {p.schedule!r}); or set virtual_stages=1")
+    if p.context not in _CONTEXT:
+        errors.append(f"parallel.context={p.context!r} is unknown; use one of {_CONTEXT}")
+    return errors
+
+
+_CONTEXT = ("ring", "all_gather")
+
+
+def _pipeline_errors(cfg: Config, sizes: dict) -> list:
+    """Pipeline and context parallelism: stages, micro-batches, sequence pieces."""
+    from toolkit.models.transformer import moe_layer_indices
+    m, moe, t, par, errors = cfg.model, cfg.moe, cfg.train, cfg.parallel, []
+    p, v, mb = sizes["pipeline"], par.virtual_stages, t.microbatches
+    if t.batch_size % mb:
+        ok = [k for k in range(1, t.batch_size + 1) if t.batch_size % k == 0]
+        errors.append(f"train.batch_size={t.batch_size} is not divisible by train.microbatches="
+                      f"{mb}; use microbatches in {ok}")
+    if v > 1 and p == 1:
+        errors.append(f"parallel.virtual_stages={v} needs parallel.pipeline > 1")
+    if p > 1 or v > 1:
+        chunks = p * v
+        if m.num_layers % chunks:
+            errors.append(f"model.num_layers={m.num_layers} cannot be split into parallel.pipeline"
+                          f"*virtual_stages={p}*{v}={chunks} equal stages; use num_layers in "
+                          f"{_divisors_near(m.num_layers, chunks)} or fewer stages")
+        else:
+            per, moe_at = m.num_layers // chunks, set(moe_layer_indices(cfg))
+            pattern = [tuple(c * per + j in moe_at for j in range(per)) for c in range(chunks)]
+            if len(set(pattern)) > 1:
+                errors.append(f"pipeline stages must have identical layers, but moe.first_dense_"
+                              f"layers={moe.first_dense_layers} and moe.moe_every={moe.moe_every} "
+                              f"make stages differ (MoE layers per stage: {pattern}); set "
+                              f"first_dense_layers=0 and a moe_every that divides {per}")
+        if par.schedule == "interleaved" and mb % p:
+            errors.append(f"train.microbatches={mb} must be a multiple of parallel.pipeline={p} "
+                          f"for the interleaved schedule; use {_divisors_near(mb, p)}")
+        if m.mtp_layers:
+            errors.append(f"model.mtp_layers={m.mtp_layers} is not supported with pipeline "
+                          f"parallelism; set it to 0 or parallel.pipeline=1")
+        if moe.num_experts and (moe.router == "recurrent" or moe.gating_residual):
+            errors.append("moe.router='recurrent' and moe.gating_residual carry router state from "
+                          "layer to layer, which pipeline stages do not pass; use another router "
+                          "or parallel.pipeline=1")
+        if moe.num_experts and moe.router_jitter:
+            errors.append(f"moe.router_jitter={moe.router_jitter} is not supported with pipeline "
+                          f"parallelism (its counter is state); set it to 0")
+    seq_split = sizes["sequence"] * (sizes["tensor"] if par.sequence_parallel else 1)
+    if m.seq_len % seq_split:
+        what = ("parallel.sequence*tensor" if par.sequence_parallel else "parallel.sequence")
+        errors.append(f"model.seq_len={m.seq_len} is not divisible by {what}={seq_split} (each "
+                      f"device holds an equal piece); use seq_len in "
+                      f"{_divisors_near(m.seq_len, seq_split)}")
+    if par.sequence_parallel and sizes["tensor"] == 1:
+        errors.append("parallel.sequence_parallel=true splits activations over the tensor axis, "
+                      "which has size 1; set parallel.tensor > 1 or sequence_parallel=false")
     return errors
 
 
@@ -328,14 +393,20 @@ def _recipe_errors(cfg: Config, sizes: dict, num_devices) -> list:
             errors.append(f"{key}={m.d_model} is not divisible by mesh axis {axes}={n}; "
                           f"use {_divisors_near(m.d_model, n)}")
             break
-    if num_devices is not None:
+    errors += _pipeline_errors(cfg, sizes)
+    if num_devices is not None and not t.batch_size % t.microbatches:
+        micro = t.batch_size // t.microbatches
         for name in ("batch", "moe_batch"):
             n, axes = split(name)
-            if t.batch_size % n:
-                errors.append(f"train.batch_size={t.batch_size} is not divisible by mesh axes "
-                              f"{axes}={n} (the {name} split of recipe {recipe!r}); use "
-                              f"{_divisors_near(t.batch_size, n)}")
+            if micro % n:
+                what = (f"train.batch_size={t.batch_size}" if t.microbatches == 1 else
+                        f"the micro-batch train.batch_size/microbatches={micro}")
+                errors.append(f"{what} is not divisible by mesh axes {axes}={n} (the {name} split "
+                              f"of recipe {recipe!r}); use {_divisors_near(micro, n)}")
                 break
+        if moe.num_experts > 0 and moe.dispatch_groups and micro % moe.dispatch_groups:
+            errors.append(f"moe.dispatch_groups={moe.dispatch_groups} must divide the micro-batch "
+                          f"train.batch_size/microbatches={micro}")
         groups, (n, axes) = moe.dispatch_groups, split("moe_batch")
         if moe.num_experts > 0 and groups and groups % n:
             errors.append(f"moe.dispatch_groups={groups} is not divisible by mesh axes {axes}={n}, "

@@ -23,6 +23,13 @@ state with the embedding of token t+j, `h' = Block(W_j [norm(h); norm(emb(t+j))]
 logits through the shared output projection predict token t+j+1:
 
     logits_btv, aux, mtp_logits_jbtv = model(tokens_bt, mtp_tokens_bt=targets_bt)
+
+With `parallel.pipeline = p > 1` the blocks are stacked instead of listed: `model.stages`
+is one `Stage` (L/(p v) consecutive blocks) whose every variable has two leading axes
+`[v, p, ...]` (chunk `r*p + s` at `[r, s]`; logical names `(None, "layers", ...)`, so the
+`p` axis lies on the `pipeline` mesh axis). Same seed, same numbers as the listed model
+(`stacked_blocks_state` converts). Calling the model runs the chunks in order, which is
+what evaluation uses; training runs them as a pipeline (`toolkit.sharding.pipeline`).
 """
 
 import jax
@@ -72,6 +79,50 @@ class Block(nnx.Module):
         return constrain(x_btd + h, ("batch", "seq", "embed")), aux, state
 
 
+class Stage(nnx.Module):
+    """Consecutive blocks: one pipeline chunk. Returns `(x_btd, aux)`, aux stacked over its
+    MoE layers (None when it has none)."""
+
+    def __init__(self, blocks):
+        self.blocks = nnx.List(blocks)
+
+    def __call__(self, x_btd, positions_bt):
+        auxes = []
+        for block in self.blocks:
+            x_btd, aux, _ = block(x_btd, positions_bt, {})
+            if aux is not None:
+                auxes.append(aux)
+        return x_btd, (jax.tree.map(lambda *xs: jnp.stack(xs), *auxes) if auxes else None)
+
+
+def pipeline_chunks(cfg: Config) -> tuple:
+    """`(v, p, layers per chunk)` of `cfg`'s pipeline (`(1, 1, L)` without one)."""
+    p, v = cfg.parallel.pipeline, cfg.parallel.virtual_stages
+    if p == 1:
+        return 1, 1, cfg.model.num_layers
+    return v, p, cfg.model.num_layers // (p * v)
+
+
+def stack_stages(blocks, v: int, p: int) -> Stage:
+    """One `Stage` whose variables stack the `v*p` chunks of `blocks` as `[v, p, ...]`."""
+    per = len(blocks) // (v * p)
+    chunks = [Stage(blocks[c * per:(c + 1) * per]) for c in range(v * p)]
+    graphdef, *states = (nnx.split(chunks[0])[0],) + tuple(nnx.state(c) for c in chunks)
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs).reshape((v, p) + xs[0].shape), *states)
+    template = nnx.merge(graphdef, nnx.state(chunks[0]))
+    nnx.update(template, stacked)
+    for _, var in nnx.iter_graph(template):
+        if isinstance(var, nnx.Variable) and var.get_metadata().get("logical_axes") is not None:
+            var.set_metadata(logical_axes=(None, "layers") + tuple(var.get_metadata()["logical_axes"]))
+    return template
+
+
+def chunk_of(stages: Stage, r, s) -> Stage:
+    """The `[r, s]` chunk of stacked `stages` as a plain `Stage`."""
+    graphdef, state = nnx.split(stages)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[r, s], state))
+
+
 class MTPModule(nnx.Module):
     """One depth of multi-token prediction: merge, one dense block (see the module doc)."""
 
@@ -97,8 +148,11 @@ class Transformer(nnx.Module):
         # RMoE: one GRU carries routing state through all MoE layers.
         self.router_gru = (GRU(cfg.moe.recurrent_dim, cfg.moe.recurrent_dim, rngs=rngs)
                            if moe_layers and cfg.moe.router == "recurrent" else None)
-        self.blocks = nnx.List([Block(cfg, i in moe_layers, shared_gru=self.router_gru, rngs=rngs)
-                                for i in range(m.num_layers)])
+        blocks = [Block(cfg, i in moe_layers, shared_gru=self.router_gru, rngs=rngs)
+                  for i in range(m.num_layers)]
+        v, p, _ = pipeline_chunks(cfg)
+        self.blocks = nnx.List(blocks) if p == 1 else None
+        self.stages = stack_stages(blocks, v, p) if p > 1 else None
         self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps)
         self.unembed = None if m.tie_embeddings else param(
             rngs, (m.d_model, m.vocab_size), ("embed", "vocab"))
@@ -123,7 +177,13 @@ class Transformer(nnx.Module):
         positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
         x_btd = constrain(self.embed(tokens_bt, dtype), ("batch", "seq", "embed"))
         auxes, state = [], {}
-        for block in self.blocks:
+        if self.stages is not None:
+            v, p, _ = pipeline_chunks(self.cfg)
+            for c in range(v * p):
+                x_btd, aux = chunk_of(self.stages, c // p, c % p)(x_btd, positions_bt)
+                auxes += [jax.tree.map(lambda a, j=j: a[j], aux) for j in range(
+                    0 if aux is None else aux.expert_counts.shape[0])]
+        for block in self.blocks or ():
             x_btd, aux, state = block(x_btd, positions_bt, state)
             if aux is not None:
                 auxes.append(aux)

@@ -1,6 +1,6 @@
 """Build the device mesh from `ParallelConfig`, and shardings for whole model states.
 
-    mesh = make_mesh(ParallelConfig(data=2, fsdp=4))     # 8 devices, axes data/fsdp/tensor/expert
+    mesh = make_mesh(ParallelConfig(data=2, fsdp=4))     # 8 devices, axes `MESH_AXES`
     rules = rules_for(cfg.parallel)                       # the table of parallel.recipe
     shardings = state_shardings(nnx.state(model), mesh, rules)  # from each Variable's logical_axes
 
@@ -14,9 +14,11 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from toolkit.sharding.rules import logical_to_spec, recipe_rules
+from toolkit.sharding.rules import logical_to_spec, recipe_rules, with_sequence_parallel
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+# Outermost first: pipeline stages talk least (one activation per micro-batch), tensor and
+# expert groups most, so they sit on neighbouring devices.
+MESH_AXES = ("pipeline", "data", "fsdp", "sequence", "tensor", "expert")
 
 
 def make_mesh(parallel, devices=None) -> jax.sharding.Mesh:
@@ -36,8 +38,10 @@ def _is_var(x):
 
 
 def rules_for(parallel) -> tuple:
-    """The rules table of `parallel.recipe` (a `ParallelConfig`)."""
-    return recipe_rules(parallel.recipe)
+    """The rules table of `parallel.recipe` (a `ParallelConfig`), with Megatron sequence
+    parallelism when `parallel.sequence_parallel` is set."""
+    rules = recipe_rules(parallel.recipe)
+    return with_sequence_parallel(rules) if getattr(parallel, "sequence_parallel", False) else rules
 
 
 def state_shardings(state, mesh, rules=None):

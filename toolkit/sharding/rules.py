@@ -2,11 +2,15 @@
 
 Every parameter carries logical names (`("expert", "expert_embed", "expert_mlp")`); a rules
 table maps each name to mesh axes. Recipes are alternative tables over the same mesh axes
-(`data`, `fsdp`, `tensor`, `expert`), not alternative code paths:
+(`pipeline`, `data`, `fsdp`, `sequence`, `tensor`, `expert`), not alternative code paths:
 
     rules = recipe_rules("fsdp_ep")
     logical_to_spec(("expert", "expert_embed", "expert_mlp"), rules)
     # PartitionSpec('expert', 'fsdp', None)
+
+Megatron sequence parallelism (`parallel.sequence_parallel`) is a change to the table too:
+`seq` maps to `sequence x tensor`, so the residual stream between tensor-parallel blocks is
+split along the sequence over the tensor axis (`with_sequence_parallel`).
 
 The routed experts and their tokens have names of their own (`expert_*`, `moe_batch`), so
 one table can lay out the MoE layers differently from attention over the same devices:
@@ -37,7 +41,7 @@ LOGICAL_AXES = {
     "kv_heads": "key/value heads",
     "kv": "width of one attention head",
     "vocab": "token ids",
-    "layers": "stacked layers",
+    "layers": "pipeline stages: the stacked model chunks `[virtual, stages, ...]` split over devices",
     "expert": "routed experts (the expert-parallel split)",
     "expert_embed": "the model width inside routed expert weights (FSDP of experts)",
     "expert_mlp": "hidden width of routed experts (expert tensor parallelism)",
@@ -46,9 +50,18 @@ LOGICAL_AXES = {
 
 
 def _table(**names) -> tuple:
-    """A full rules table: every logical name, `None` (replicated) unless given."""
+    """A full rules table: every logical name, `None` (replicated) unless given.
+
+    Every recipe also takes the pipeline and sequence axes: stacked stages over `pipeline`,
+    sequence positions over `sequence` (context parallelism), and the vocabulary over
+    `pipeline` before any axis the recipe gives it (vocabulary parallelism: the embedding
+    and output layer are spread over all pipeline devices, not held by the end stages).
+    """
     unknown = set(names) - set(LOGICAL_AXES)
     assert not unknown, f"rules name unknown logical axes {sorted(unknown)}"
+    vocab = names.get("vocab")
+    names = dict(names, layers="pipeline", seq="sequence",
+                 vocab=("pipeline",) + ((vocab,) if isinstance(vocab, str) else tuple(vocab or ())))
     return tuple((n, names.get(n)) for n in LOGICAL_AXES)
 
 
@@ -89,6 +102,14 @@ def recipe_rules(name: str) -> tuple:
     if name not in RECIPES:
         raise ValueError(f"parallel.recipe={name!r} is not a recipe; use one of {sorted(RECIPES)}")
     return RECIPES[name]
+
+
+def with_sequence_parallel(rules) -> tuple:
+    """`rules` with positions also split over the axes that split `heads` (Megatron SP)."""
+    table = dict(rules)
+    tp = mesh_axes_of("heads", rules)
+    return tuple((n, (tuple(mesh_axes_of("seq", rules)) + tp) if n == "seq" and tp else v)
+                 for n, v in table.items())
 
 
 def recipe_axes(name: str) -> set:

@@ -32,7 +32,7 @@ from toolkit.sharding.expert_parallel import SCOPE, comm_bytes, layout
 from toolkit.sharding.mesh import MESH_AXES, batch_sharding, make_mesh, rules_for, sharded_abstract
 from toolkit.sharding.rules import logical_to_spec, mesh_axes_of, use_rules
 from toolkit.sharding.tensor_parallel import tensor_parallel_bytes
-from toolkit.training.step import abstract_state, graphdef_of, init_state, loss_fn, make_train_step
+from toolkit.training.step import abstract_state, graphdef_of, init_state, make_train_step, value_and_grad
 
 
 def _bytes_per_device(tree) -> int:
@@ -191,7 +191,7 @@ def loss_and_grads(cfg: Config, devices=None, corpus=None) -> tuple:
     @jax.jit
     def f(state, batch):
         model, _ = nnx.merge(graphdef, state)
-        (loss, _), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, cfg)
+        (loss, _), grads = value_and_grad(model, batch, cfg)
         return loss, grads
 
     with jax.set_mesh(mesh):

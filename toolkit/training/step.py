@@ -23,6 +23,8 @@ the model's sharding constraints are no-ops and each MoE layer dispatches the wh
 as one group.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +37,7 @@ from toolkit.config import Config
 from toolkit.models.transformer import Transformer
 from toolkit.moe.router import update_bias
 from toolkit.sharding.mesh import batch_sharding, rules_for, sharded_abstract, state_shardings
+from toolkit.sharding.pipeline import pipeline_value_and_grad, split_microbatches
 
 
 def lr_schedule(cfg: Config) -> optax.Schedule:
@@ -99,6 +102,15 @@ ROUTER_LOSSES = (("aux_loss_weight", "load_balance_loss"), ("seq_aux_loss_weight
 """(MoEConfig weight, MoEAux field) of each router loss."""
 
 
+def router_loss(aux, cfg: Config):
+    """The weighted router losses of stacked `MoEAux` records, summed over layers."""
+    loss = jnp.zeros((), jnp.float32)
+    for weight, field in ROUTER_LOSSES:
+        if getattr(cfg.moe, weight):
+            loss = loss + getattr(cfg.moe, weight) * jnp.sum(getattr(aux, field))
+    return loss
+
+
 def loss_fn(model, batch, cfg: Config):
     """Mean CE plus weighted router and MTP losses; returns (loss, metrics)."""
     if cfg.model.mtp_layers:
@@ -109,9 +121,7 @@ def loss_fn(model, batch, cfg: Config):
     metrics = {"ce": ce}
     loss = ce
     if aux is not None:
-        for weight, field in ROUTER_LOSSES:
-            if getattr(cfg.moe, weight):
-                loss = loss + getattr(cfg.moe, weight) * jnp.sum(getattr(aux, field))
+        loss = loss + router_loss(aux, cfg)
         metrics.update(load_balance_loss=aux.load_balance_loss, z_loss=aux.z_loss,
                        seq_balance_loss=aux.seq_balance_loss, expert_counts=aux.expert_counts,
                        computed_counts=aux.computed_counts, dropped_fraction=aux.dropped_fraction,
@@ -126,9 +136,40 @@ def loss_fn(model, batch, cfg: Config):
     return loss, metrics
 
 
-def _train_step(model, optimizer, batch, cfg):
+def value_and_grad(model, batch, cfg: Config):
+    """`((loss, metrics), grads)` of the step's loss: the mean over `train.microbatches`
+    micro-batches (`split_microbatches`), each `loss_fn`; run as a pipeline when
+    `parallel.pipeline > 1`, else by accumulating gradients over the micro-batches.
+    Metrics average over micro-batches, except counts (`*_counts`), which add."""
+    m = cfg.train.microbatches
+    if cfg.parallel.pipeline > 1:
+        return pipeline_value_and_grad(model, batch, cfg, lambda aux: router_loss(aux, cfg))
     grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
-    (_, metrics), grads = grad_fn(model, batch, cfg)
+    if m == 1:
+        return grad_fn(model, batch, cfg)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def micro_loss(params, rest, micro):
+        mdl = nnx.merge(graphdef, params, rest)
+        loss, metrics = loss_fn(mdl, micro, cfg)
+        return loss, (metrics, nnx.state(mdl, nnx.Not(nnx.Param)))   # rest: jitter counters
+
+    def one(carry, micro):
+        grads, rest = carry
+        (loss, (metrics, rest)), g = jax.value_and_grad(micro_loss, has_aux=True)(params, rest, micro)
+        return (jax.tree.map(jnp.add, grads, g), rest), (loss, metrics)
+
+    micro = jax.tree.map(lambda a: split_microbatches(a, m), batch)
+    (grads, rest), (loss_m, metrics_m) = jax.lax.scan(
+        one, (jax.tree.map(jnp.zeros_like, params), rest), micro)
+    nnx.update(model, rest)
+    metrics = {k: jnp.sum(a, 0) if k.endswith("_counts") else jnp.mean(a, 0)
+               for k, a in metrics_m.items()}
+    return (jnp.mean(loss_m), metrics), jax.tree.map(lambda g: g / m, grads)
+
+
+def _train_step(model, optimizer, batch, cfg):
+    (_, metrics), grads = value_and_grad(model, batch, cfg)
     optimizer.update(model, grads)
     update_router_biases(model, metrics.get("expert_counts"), cfg)
     metrics["grad_norm"] = optax.tree.norm(grads)
@@ -140,9 +181,18 @@ def update_router_biases(model, expert_counts_le, cfg: Config):
     takes one `update_bias` step from its layer's expert counts of this batch."""
     if expert_counts_le is None or cfg.moe.router != "sigmoid_bias" or not cfg.moe.bias_update_rate:
         return
+    rate = cfg.moe.bias_update_rate
+    if model.stages is not None:     # stacked [v, p, ...]: layer (r*p + s)*n + j is block j of [r, s]
+        moe_blocks = [b for b in model.stages.blocks if b.is_moe]
+        v, p, n = model.stages.blocks[0].attn_norm.scale[...].shape[:2] + (len(moe_blocks),)
+        counts_vpne = expert_counts_le.reshape(v, p, n, -1)
+        step = jax.vmap(jax.vmap(functools.partial(update_bias, rate=rate)))
+        for j, block in enumerate(moe_blocks):
+            block.ffn.router.bias[...] = step(block.ffn.router.bias[...], counts_vpne[:, :, j])
+        return
     routers = [b.ffn.router for b in model.blocks if b.is_moe]
     for router, counts_e in zip(routers, expert_counts_le, strict=True):
-        router.bias[...] = update_bias(router.bias[...], counts_e, cfg.moe.bias_update_rate)
+        router.bias[...] = update_bias(router.bias[...], counts_e, rate)
 
 
 def make_train_step(cfg: Config, graphdef, mesh, state):
