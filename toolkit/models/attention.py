@@ -22,13 +22,17 @@ from flax import nnx
 from pallas_kernels import flash_attention
 from toolkit.config import ModelConfig
 from toolkit.models.layers import param, rope
+from toolkit.sharding.context_parallel import context_attention
 from toolkit.sharding.tensor_parallel import psum_if, tensor_parallel
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, impl: str = "", tp_chunks: int = 1, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, impl: str = "", tp_chunks: int = 1,
+                 context: str = "ring", rngs: nnx.Rngs):
         """`impl`: the flash-attention backend; `tp_chunks`: token pieces per device under
-        tensor parallelism, each with its own all-reduce (`parallel.overlap_chunks`)."""
+        tensor parallelism, each with its own all-reduce (`parallel.overlap_chunks`);
+        `context`: context-parallel attention when sequences are split ("ring" or
+        "all_gather", `parallel.context`)."""
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.w_q = param(rngs, (d, n, h), ("embed", "heads", "kv"))
         self.w_k = param(rngs, (d, k, h), ("embed", "kv_heads", "kv"))
@@ -37,6 +41,7 @@ class Attention(nnx.Module):
         self.rope_theta = cfg.rope_theta
         self.impl = impl or None
         self.tp_chunks = tp_chunks
+        self.context = context
 
     def __call__(self, x_btd, positions_bt):
         dt = x_btd.dtype
@@ -44,16 +49,22 @@ class Attention(nnx.Module):
                    (self.w_k[...].astype(dt), ("embed", "kv_heads", "kv")),
                    (self.w_v[...].astype(dt), ("embed", "kv_heads", "kv")),
                    (self.w_o[...].astype(dt), ("heads", "kv", "embed"))]
-        local = functools.partial(_attention, theta=self.rope_theta, impl=self.impl)
+        local = functools.partial(_attention, theta=self.rope_theta, impl=self.impl,
+                                  context=self.context)
         return tensor_parallel(local, x_btd, weights, split=("heads", "kv_heads"),
-                               extra=(positions_bt,), chunks=self.tp_chunks)
+                               extra=(positions_bt,), chunks=self.tp_chunks, sequence_axis=True)
 
 
-def _attention(x_btd, positions_bt, w_q, w_k, w_v, w_o, *, theta, impl, tensor_axis):
+def _attention(x_btd, positions_bt, w_q, w_k, w_v, w_o, *, theta, impl, context, tensor_axis,
+               sequence_axis):
     """Attention on one device's heads: x `[B, S, d]`, w_q `[d, N_local, h]`, w_k, w_v
-    `[d, K_local, h]`, w_o `[N_local, h, d]`; the output projections summed over devices."""
+    `[d, K_local, h]`, w_o `[N_local, h, d]`; the output projections summed over devices.
+    With `sequence_axis`, x holds `[B, S/n, d]` pieces and attention is context-parallel."""
     q_btnh = rope(jnp.einsum("btd,dnh->btnh", x_btd, w_q), positions_bt, theta)
     k_btkh = rope(jnp.einsum("btd,dkh->btkh", x_btd, w_k), positions_bt, theta)
     v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, w_v)
-    o_btnh = flash_attention(q_btnh, k_btkh, v_btkh, causal=True, impl=impl)
+    if sequence_axis:
+        o_btnh = context_attention(q_btnh, k_btkh, v_btkh, sequence_axis, context)
+    else:
+        o_btnh = flash_attention(q_btnh, k_btkh, v_btkh, causal=True, impl=impl)
     return psum_if(jnp.einsum("btnh,nhd->btd", o_btnh, w_o), tensor_axis)

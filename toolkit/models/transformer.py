@@ -58,7 +58,8 @@ class Block(nnx.Module):
         m = cfg.model
         self.attn_norm = RMSNorm(m.d_model, eps=m.norm_eps)
         chunks = cfg.parallel.overlap_chunks
-        self.attn = Attention(m, impl=cfg.kernels.attention, tp_chunks=chunks, rngs=rngs)
+        self.attn = Attention(m, impl=cfg.kernels.attention, tp_chunks=chunks,
+                              context=cfg.parallel.context, rngs=rngs)
         self.ffn_norm = RMSNorm(m.d_model, eps=m.norm_eps)
         self.is_moe = is_moe
         self.pre_attention = cfg.moe.router_placement == "pre_attention"

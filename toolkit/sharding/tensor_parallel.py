@@ -34,7 +34,8 @@ def _live(axes, mesh) -> tuple:
     return tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
 
 
-def tensor_parallel(local_fn, x_btd, weights, *, split="mlp", extra=(), chunks: int = 1):
+def tensor_parallel(local_fn, x_btd, weights, *, split="mlp", extra=(), chunks: int = 1,
+                    sequence_axis: bool = False):
     """Run `local_fn(x, *extra, *weights, tensor_axis=...)` on each device's shards.
 
     Args:
@@ -48,10 +49,18 @@ def tensor_parallel(local_fn, x_btd, weights, *, split="mlp", extra=(), chunks: 
       chunks: split each device's sequences into this many pieces, each with its own
         all-reduce, so one piece's all-reduce can overlap the next one's compute (the
         TokenWeave-style token split; `parallel.overlap_chunks`). Same result.
+      sequence_axis: pass `sequence_axis=` (the context-parallel mesh axes, or None) to
+        `local_fn`, which then sees `[B, S/n, ...]` pieces of the sequences (attention).
+
+    Positions split over the `seq` rule's axes stay split (context parallelism). Under
+    Megatron sequence parallelism (`seq` also mapped to the tensor axes) the input is
+    all-gathered along the sequence first and the partial sums are reduce-scattered
+    along it instead of all-reduced, so the output leaves split like the input came.
     """
     mesh = jax.sharding.get_abstract_mesh()
+    ctx = {"sequence_axis": None} if sequence_axis else {}
     if mesh.empty or mesh.size == 1:
-        return local_fn(x_btd, *extra, *(w for w, _ in weights), tensor_axis=None)
+        return local_fn(x_btd, *extra, *(w for w, _ in weights), tensor_axis=None, **ctx)
     splits = (split,) if isinstance(split, str) else tuple(split)
     tensor = _live(sum((mesh_axes_of(s) for s in splits), ()), mesh)
     tensor = tuple(dict.fromkeys(tensor))
@@ -65,6 +74,17 @@ def tensor_parallel(local_fn, x_btd, weights, *, split="mlp", extra=(), chunks: 
         gathers.append(tuple((dim, _live(_axes(e), mesh)) for dim, e in enumerate(spec)
                              if _live(_axes(e), mesh) and not set(_axes(e)) <= set(tensor)))
     b = None if not batch else (batch[0] if len(batch) == 1 else batch)
+    seq_all = _live(mesh_axes_of("seq"), mesh)
+    seq = tuple(a for a in seq_all if a not in tensor)              # context parallel
+    scatter = tuple(a for a in seq_all if a in tensor)              # Megatron sequence parallel
+    if sequence_axis:
+        ctx = {"sequence_axis": seq or None}
+    reduce_axis = None if scatter else (tensor or None)
+
+    def finish(y):
+        if not scatter:
+            return y
+        return jax.lax.psum_scatter(y, tensor, scatter_dimension=1, tiled=True)
 
     def local(x, *args):
         ex, ws = args[:len(extra)], list(args[len(extra):])
@@ -73,14 +93,16 @@ def tensor_parallel(local_fn, x_btd, weights, *, split="mlp", extra=(), chunks: 
                 ws[i] = jax.lax.all_gather(ws[i], axes, axis=dim, tiled=True)
         n = x.shape[0]
         if chunks == 1 or n < 2:
-            return local_fn(x, *ex, *ws, tensor_axis=tensor or None)
+            return finish(local_fn(x, *ex, *ws, tensor_axis=reduce_axis, **ctx))
         cuts = [round(i * n / min(chunks, n)) for i in range(min(chunks, n) + 1)]
         return jax.numpy.concatenate(
-            [local_fn(x[a:b], *(e[a:b] for e in ex), *ws, tensor_axis=tensor or None)
+            [finish(local_fn(x[a:b], *(e[a:b] for e in ex), *ws, tensor_axis=reduce_axis, **ctx))
              for a, b in zip(cuts, cuts[1:], strict=False)], axis=0)
 
-    fn = jax.shard_map(local, in_specs=(P(b),) + (P(b),) * len(extra) + tuple(specs),
-                       out_specs=P(b), check_vma=False)
+    s_in = None if not seq else (seq[0] if len(seq) == 1 else seq)
+    s_out = None if not seq_all else (seq_all[0] if len(seq_all) == 1 else seq_all)
+    fn = jax.shard_map(local, in_specs=(P(b, s_in),) + (P(b, s_in),) * len(extra) + tuple(specs),
+                       out_specs=P(b, s_out), check_vma=False)
     return fn(x_btd, *extra, *(w for w, _ in weights))
 
 
