@@ -121,7 +121,8 @@ def test_unknown_preset():
 
 def test_mesh_fill_axis():
     cfg = dataclasses.replace(tiny(), parallel=dataclasses.replace(tiny().parallel, fsdp=4))
-    assert cfg.parallel.axis_sizes(8) == {"data": 2, "fsdp": 4, "tensor": 1, "expert": 1}
+    assert cfg.parallel.axis_sizes(8) == {"pipeline": 1, "data": 2, "fsdp": 4, "sequence": 1,
+                                          "tensor": 1, "expert": 1}
 
 
 def test_saved_configs_from_before_a_key_moved_still_load():

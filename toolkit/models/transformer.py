@@ -28,7 +28,8 @@ With `parallel.pipeline = p > 1` the blocks are stacked instead of listed: `mode
 is one `Stage` (L/(p v) consecutive blocks) whose every variable has two leading axes
 `[v, p, ...]` (chunk `r*p + s` at `[r, s]`; logical names `(None, "layers", ...)`, so the
 `p` axis lies on the `pipeline` mesh axis). Same seed, same numbers as the listed model
-(`stacked_blocks_state` converts). Calling the model runs the chunks in order, which is
+(`stacked_blocks_state` converts
+a listed state). Calling the model runs the chunks in order, which is
 what evaluation uses; training runs them as a pipeline (`toolkit.sharding.pipeline`).
 """
 
@@ -116,6 +117,18 @@ def stack_stages(blocks, v: int, p: int) -> Stage:
         if isinstance(var, nnx.Variable) and var.get_metadata().get("logical_axes") is not None:
             var.set_metadata(logical_axes=(None, "layers") + tuple(var.get_metadata()["logical_axes"]))
     return template
+
+
+def stacked_blocks_state(tree: dict, v: int, p: int) -> dict:
+    """A listed model's state as a pure dict (`nnx.to_pure_dict`: parameters, gradients,
+    optimizer moments) in the stacked layout of `parallel.pipeline=p`, `virtual_stages=v`:
+    `blocks` becomes `stages/blocks/j` with leaves `[v, p, ...]`."""
+    blocks = tree["blocks"]
+    per = len(blocks) // (v * p)
+    stacked = {j: jax.tree.map(lambda *xs: jnp.stack(xs).reshape((v, p) + jnp.shape(xs[0])),
+                               *[blocks[c * per + j] for c in range(v * p)]) for j in range(per)}
+    out = {k: val for k, val in tree.items() if k != "blocks"}
+    return dict(out, stages={"blocks": stacked})
 
 
 def chunk_of(stages: Stage, r, s) -> Stage:
