@@ -21,11 +21,12 @@
 # *Run ▸ Run All Cells*. The notebook is paired with `04_parallelism.py` (jupytext): saving in
 # JupyterLab updates both; the `.py` is the source under review, the `.ipynb` is kept without outputs.
 #
-# Choose a mesh (how many devices along `data`, `fsdp`, `tensor` and `expert`) and a parallelism
-# recipe, and see what they do to the tiny MoE model on 8 simulated CPU devices: how every parameter
+# Choose a mesh (how many devices along `pipeline`, `data`, `fsdp`, `sequence`, `tensor` and
+# `expert`) and a parallelism recipe, and see what they do to the tiny MoE model on 8 simulated CPU devices: how every parameter
 # is split, how much memory each device holds, which collectives the compiler inserted into the train
 # step and how many bytes they move (beside the textbook formulas), and, last, that the loss and
-# gradients on the mesh equal those on one device.
+# gradients on the mesh equal those on one device. A section on pipelines draws the schedules
+# (GPipe, 1F1B, interleaved) as timelines with their bubbles.
 #
 # Everything the widget shows comes from a `ParallelismExplorer`, a plain state object
 # (`toolkit/widgets/parallelism.py`) that the tests drive without a browser. The same numbers come
@@ -42,6 +43,10 @@
 # %% tags=["parameters"]
 PRESET = "tiny"  # a preset from toolkit.config.PRESETS: "tiny" or "small"
 MESH = {"data": 2, "fsdp": 1, "tensor": 2, "expert": 2}  # mesh axis sizes; they multiply to DEVICES
+# the pipeline section: stages x data x sequence pieces, micro-batches, schedule, layer count
+PIPELINE = {"pipeline": 2, "data": 2, "sequence": 2, "microbatches": 2, "schedule": "1f1b",
+            "context": "all_gather"}
+PIPELINE_OVERRIDES = ["model.num_layers=4"]  # applied after EXTRA_OVERRIDES for that section
 RECIPE = "folded"  # one of toolkit.sharding.RECIPES: dp, fsdp, tp, ep, fsdp_ep, fsdp_tp_ep, folded
 DISPATCH = "dropless"  # moe.dispatch: "dropless" or "capacity"
 CHOICES = {"parallel.overlap_chunks": 1}  # other choices (toolkit.widgets.CHOICES), e.g. moe.bigmac_ratio
@@ -216,6 +221,60 @@ if EQUIVALENCE and explorer.cfg is not None:
 view.refresh()  # the widget above now shows every table computed here
 
 # %% [markdown]
+# ## Pipelines: a schedule is a timeline
+#
+# With `pipeline = p` the layers are split into p stages, one per device along the `pipeline` axis,
+# and each batch into m micro-batches (`train.microbatches`) that flow through them. A schedule says
+# which stage runs which micro-batch, forward (F) or backward (B), at each tick
+# (`toolkit.sharding.schedules`); the executor (`toolkit.sharding.pipeline`) runs exactly that
+# timeline in `shard_map`, passing activations on with `ppermute`. The white space is the *bubble*:
+#
+# * **GPipe** runs all forwards, then all backwards: idle `(p-1)/(m+p-1)` of the time, and every
+#   stage keeps all m micro-batches' activations until their backward.
+# * **1F1B** (PipeDream-Flush) starts backwards as soon as it can: the same bubble, but stage s
+#   keeps at most p-s micro-batches in flight, so activation memory no longer grows with m.
+# * **Interleaved 1F1B** gives each device v smaller chunks (device s holds chunks s, s+p, ...):
+#   the bubble shrinks to `(1/v)(p-1)/m` of the ideal time, for v times the messages.
+#
+# The embedding and output layer are split over the vocabulary across the pipeline devices
+# (vocabulary parallelism), so the first and last stages carry no extra weight.
+
+# %%
+from toolkit.sharding.schedules import theory_bubble_fraction, theory_bubble_ratio, timeline  # noqa: E402
+from toolkit.viz import schedule_gantt  # noqa: E402
+
+for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2)):
+    display(schedule_gantt(timeline(name, 4, 8, v)))
+
+print(f"{'schedule':<12}{'m':>4}{'bubble':>9}{'(p-1)/(vm+p-1)':>15}{'ratio':>8}{'(p-1)/(v m)':>13}"
+      f"{'stashed per stage':>22}")
+for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2)):
+    for m in (4, 8, 16):
+        tl = timeline(name, 4, m, v)
+        print(f"{name:<12}{m:>4}{tl.bubble_fraction():>9.3f}{theory_bubble_fraction(4, m * v):>15.3f}"
+              f"{tl.bubble_ratio():>8.3f}{theory_bubble_ratio(4, m, v):>13.3f}"
+              f"{str(tl.peak_in_flight()):>22}")
+
+# %% [markdown]
+# The explorer takes the `pipeline` and `sequence` axes like any other. Here the model runs on
+# `PIPELINE` (by default 2 stages x 2 data replicas x 2 sequence pieces): attention gathers the
+# keys and values of the `sequence` axis, every other layer works on its own tokens. (Ring
+# attention is the other choice without a pipeline: its `ppermute` inside a pipeline stage would
+# deadlock on XLA:CPU, so `validate()` rejects that pairing.)
+# The widget's *Pipeline schedule* tab draws the current schedule; the equivalence check compares
+# the whole pipelined, sequence-split step with one device running the same micro-batches.
+
+# %%
+pipe = ParallelismExplorer(PRESET, overrides=EXTRA_OVERRIDES + PIPELINE_OVERRIDES, **PIPELINE)
+print(pipe.error or pipe.summary())
+pipe_view = ParallelismExplorerView(pipe)
+display(pipe_view.render("schedule"))
+if EQUIVALENCE and pipe.cfg is not None:
+    eq = pipe.equivalence()
+    print(f"pipeline: loss difference {eq['loss_diff']:.3g}, max gradient difference "
+          f"{eq['grad_diff']:.3g}")
+
+# %% [markdown]
 # ## Overhead, not speedup
 #
 # The 8 devices here are simulated on the CPU cores of one machine: every "device" shares the same
@@ -239,3 +298,9 @@ view.refresh()  # the widget above now shows every table computed here
 # * `CHOICES = {"parallel.overlap_chunks": 2}`: the same bytes in twice as many pieces, so that one
 #   piece's communication can overlap another's compute on real hardware; the results stay equal.
 # * `RECIPE = "fsdp_tp_ep"` on the default mesh: expert tensor parallelism instead of folding.
+# * `PIPELINE = {"pipeline": 4, "data": 2, "microbatches": 8, "schedule": "gpipe"}`, then `"1f1b"`:
+#   the same bubble, and in the *Memory & collectives* tab of `pipe_view` fewer temporaries for 1F1B.
+# * `PIPELINE = {..., "schedule": "interleaved", "virtual_stages": 2}` with
+#   `PIPELINE_OVERRIDES = ["model.num_layers=8"]`: half the bubble.
+# * `MESH = {..., "sequence": 2}` with `CHOICES = {"parallel.context": "all_gather"}`: context
+#   parallelism by gathering keys and values instead of the ring.

@@ -143,6 +143,13 @@ def test_04_parallelism_runs(executed_04):
     assert "model.num_kv_heads=2 is not divisible by mesh axis tensor=8" in text   # the bad mesh
     diffs = re.search(r"loss difference (\S+), max gradient difference (\S+)", text)
     assert diffs and float(diffs[1]) < 1e-5 and float(diffs[2]) < 1e-5, text
+    # pipelines: the bubble table against theory, the schedule tab, the pipelined equivalence
+    assert re.search(r"1f1b\s+8\s+0\.273\s+0\.273\s+0\.375\s+0\.375\s+\[4, 3, 2, 1\]", text), text
+    assert re.search(r"interleaved\s+8\s+0\.158\s+0\.158\s+0\.188\s+0\.188", text), text
+    assert "mesh pipeline=2 x data=2 x sequence=2" in text
+    assert "bubble fraction (idle share of stages x time)" in html
+    diffs = re.search(r"pipeline: loss difference (\S+), max gradient difference (\S+)", text)
+    assert diffs and float(diffs[1]) < 1e-5 and float(diffs[2]) < 1e-5, text
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in NOTEBOOKS.glob("*.py")))

@@ -63,7 +63,7 @@ def test_sharding_table_follows_the_rules(recipe, mesh):
         assert table["split"] == 1 and table["shard"] == table["shape"]
     elif recipe == "fsdp":    # the model width split 4 ways
         assert w_gate["spec"] == "P(None, 'fsdp', None)" and w_gate["shard"] == (8, 8, 32)
-        assert table["spec"] == "P(None, 'fsdp')" and table["shard"] == (264, 8)
+        assert table["spec"] == "P('pipeline', 'fsdp')" and table["shard"] == (264, 8)
     else:                     # experts over expert x tensor, attention heads over tensor
         assert w_gate["spec"] == "P(('expert', 'tensor'), 'fsdp', None)" and w_gate["split"] == 4
         assert _row(rows, "blocks.0.attn.w_q")["shard"] == (32, 2, 8)

@@ -168,6 +168,12 @@ def test_gpipe_without_rematerialisation_equals_single_device(single):
     _check(micro(model={**MODEL, "num_layers": 4}, train=TRAIN, parallel=parallel), 4, single)
 
 
+def test_pipeline_composes_with_tensor_sequence_and_megatron_sp(single):
+    parallel = {"data": 1, "pipeline": 2, "tensor": 2, "sequence": 2, "context": "all_gather",
+                "sequence_parallel": True}
+    _check(micro(model={**MODEL, "num_layers": 4}, train=TRAIN, parallel=parallel), 8, single)
+
+
 def test_microbatch_accumulation_is_the_mean_of_microbatch_gradients():
     cfg = micro(model={"num_layers": 1}, train={"batch_size": 4, "microbatches": 2})
     loss, grads, _ = loss_and_grads(cfg, jax.devices()[:1])
@@ -224,6 +230,8 @@ def test_router_biases_update_per_layer_in_the_stacked_layout():
     ({"train": {"batch_size": 8, "microbatches": 3}}, r"not divisible by train.microbatches=3"),
     ({"parallel": {"sequence_parallel": True, "data": 8}}, r"sequence_parallel=true .* size 1"),
     ({"parallel": {"context": "zigzag", "data": 8}}, r"parallel.context='zigzag' is unknown"),
+    ({"model": {**MODEL, "num_layers": 4}, "parallel": {"pipeline": 2, "sequence": 2}},
+     r"parallel.context='ring' with pipeline parallelism is not supported"),
 ])
 def test_invalid_pipeline_and_sequence_settings_are_rejected(overrides, match):
     overrides = dict(overrides)

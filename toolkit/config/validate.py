@@ -333,6 +333,11 @@ def _pipeline_errors(cfg: Config, sizes: dict) -> list:
         if moe.num_experts and moe.router_jitter:
             errors.append(f"moe.router_jitter={moe.router_jitter} is not supported with pipeline "
                           f"parallelism (its counter is state); set it to 0")
+    if p > 1 and sizes["sequence"] > 1 and par.context == "ring":
+        errors.append("parallel.context='ring' with pipeline parallelism is not supported: the "
+                      "ring's ppermute would run inside the stages' per-tick branches, which "
+                      "XLA:CPU's collective-permute cannot do (it waits for every device); use "
+                      "parallel.context=all_gather with parallel.pipeline > 1")
     seq_split = sizes["sequence"] * (sizes["tensor"] if par.sequence_parallel else 1)
     if m.seq_len % seq_split:
         what = ("parallel.sequence*tensor" if par.sequence_parallel else "parallel.sequence")

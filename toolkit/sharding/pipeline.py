@@ -19,8 +19,16 @@ memory shows in the compiled program's memory analysis).
 The output layer runs at the tick the last chunk finishes a micro-batch, on every device
 at once (vocabulary parallelism): the final hidden state is broadcast over `pipeline`,
 each device computes logits for its `V/p` ids (`vocab_parallel_cross_entropy`), and the
-loss gradient comes back to the last stage for its backward. The embedding, split the
+loss gradient comes back to the last stage for its backward. The weights are stored split
+over `pipeline x tensor`; the executor gathers the tensor part (XLA's partitioner does
+not split one dimension over a manual and an automatic axis). The embedding, split the
 same way, runs before the ticks (and its gradient after), by the compiler.
+
+Devices of different stages take different branches at a tick (F, B or idle), so the
+collectives inside a stage (tensor, expert, sequence axes) must only involve devices of
+the same stage. XLA:CPU's collective-permute waits for every device regardless, so ring
+attention (`parallel.context="ring"`) is rejected with a pipeline; all-gather context
+parallelism, tensor and expert parallelism work.
 
     (loss, metrics), grads = pipeline_value_and_grad(model, batch, cfg, aux_loss_of)
 
@@ -309,6 +317,9 @@ def pipeline_value_and_grad(model, batch, cfg, aux_loss_of):
         mdl = nnx.merge(graphdef, params, rest)
         x_m = split_microbatches(mdl.embed(batch["tokens"], dtype), m)
         w_dv = mdl.embed.table[...].T if mdl.unembed is None else mdl.unembed[...]
+        # The executor splits the vocabulary over `pipeline` only (XLA's partitioner rejects
+        # a dimension split over a manual and an automatic axis at once).
+        w_dv = jax.lax.with_sharding_constraint(w_dv, P(None, AXIS))
         stage_params = nnx.state(mdl.stages, nnx.Param)
         ce, aux, metrics = loss_parts(stage_params, x_m, mdl.final_norm.scale[...], w_dv)
         return ce + aux, (ce, metrics)

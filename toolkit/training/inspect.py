@@ -197,3 +197,40 @@ def loss_and_grads(cfg: Config, devices=None, corpus=None) -> tuple:
     with jax.set_mesh(mesh):
         loss, grads = f(state, batch)
     return float(loss), grads, state
+
+
+def pipeline_stage_times(cfg: Config, *, repeats: int = 5, num_devices=None) -> tuple:
+    """Measured `(forward_s, backward_s)` of one pipeline chunk (L/(p v) blocks) on one
+    micro-batch of one device's share of the batch: what a stage spends per op. The
+    backward includes the recomputed forward when `parallel.pipeline_remat` is on. Feed
+    them to `timeline(..., forward_time=, backward_time=)` for the wall-clock bubble.
+    `num_devices`: the mesh's size, for the share of the batch (default: all devices)."""
+    import time
+
+    from toolkit.models.transformer import Stage, moe_layer_indices, pipeline_chunks
+    v, p, per = pipeline_chunks(cfg)
+    sizes = cfg.parallel.axis_sizes(num_devices or len(jax.devices()))
+    rows = cfg.train.batch_size // cfg.train.microbatches
+    rows //= math.prod(sizes[a] for a in mesh_axes_of("batch", rules_for(cfg.parallel)))
+    moe_at = set(moe_layer_indices(cfg))
+    stage = Stage([Block(cfg, j in moe_at, rngs=nnx.Rngs(j)) for j in range(per)])
+    graphdef, state = nnx.split(stage)
+    m = cfg.model
+    x = jax.random.normal(jax.random.key(0), (max(rows, 1), m.seq_len, m.d_model), jnp.dtype(m.dtype))
+    state, x = jax.device_put((state, x), jax.devices()[0])
+
+    def run(state, x):
+        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+        return nnx.merge(graphdef, state)(x, positions)[0]
+    fwd = jax.jit(run)
+    bwd = jax.jit(lambda s, x, dy: jax.vjp(run, s, x)[1](dy))
+
+    def median(fn, *args):
+        jax.block_until_ready(fn(*args))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+    return median(fwd, state, x), median(bwd, state, x, x)

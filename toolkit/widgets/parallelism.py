@@ -12,6 +12,7 @@ knobs applied on top, exactly as `--set` would. A bad choice never raises here: 
     ex.inspect()                         # compiles the train step: memory and collectives per device
     ex.communication()                   # HLO bytes of the expert exchange and TP vs the formulas
     ex.equivalence()                     # loss and gradients on the mesh vs one device
+    ex.set(pipeline=4, data=2, microbatches=8); ex.schedule().bubble_fraction()   # 3/11
     ex.set(expert=3); ex.error           # "invalid config: ... parallel mesh ... has 12 devices ..."
 
 Every result is cached per config (and device list), so returning to a setting is instant.
@@ -27,7 +28,9 @@ from flax import nnx
 
 from toolkit.config import Config, ConfigError, apply_overrides, config_or_error, preset
 from toolkit.data import load_corpus
+from toolkit.models.transformer import stacked_blocks_state
 from toolkit.sharding.mesh import MESH_AXES, make_mesh, rules_for
+from toolkit.sharding.schedules import SCHEDULES, timeline
 from toolkit.sharding.rules import LOGICAL_AXES, RECIPES, mesh_axes_of, recipe_rules
 from toolkit.training.inspect import communication_check, inspect_train_step, loss_and_grads
 from toolkit.training.step import abstract_state
@@ -63,8 +66,22 @@ CHOICES = (
     Choice("parallel.fsdp", "fully sharded data parallel: batch split, parameters split on embed"),
     Choice("parallel.tensor", "tensor parallel: heads, MLP hidden and vocab split"),
     Choice("parallel.expert", "expert parallel: whole experts per device, tokens split too"),
+    Choice("parallel.pipeline", "pipeline stages: layers split into stages, micro-batches flow through"),
+    Choice("parallel.sequence", "context parallel: each sequence split into pieces (ring attention)"),
     Choice("parallel.recipe", "the rules table from logical axes to mesh axes",
            options=tuple(RECIPES)),
+    Choice("train.microbatches", "micro-batches per step (gradients accumulated; the pipeline's m)",
+           options=(1, 2, 4, 8, 16)),
+    Choice("parallel.schedule", "pipeline schedule: GPipe, 1F1B or interleaved 1F1B",
+           options=SCHEDULES, when=lambda c: c.parallel.pipeline > 1),
+    Choice("parallel.virtual_stages", "model chunks per pipeline device (interleaved schedule)",
+           options=(1, 2, 4), when=lambda c: c.parallel.schedule == "interleaved"),
+    Choice("parallel.pipeline_remat", "recompute each stage's forward in its backward",
+           options=(True, False), when=lambda c: c.parallel.pipeline > 1),
+    Choice("parallel.context", "how split sequences see earlier keys/values: ring or all_gather",
+           options=("ring", "all_gather"), when=lambda c: c.parallel.sequence > 1),
+    Choice("parallel.sequence_parallel", "Megatron sequence parallelism over the tensor axis",
+           options=(False, True), when=lambda c: c.parallel.tensor > 1),
     Choice("moe.dispatch", "dropless, or capacity (fixed slots per expert and group)",
            options=("dropless", "capacity")),
     Choice("moe.capacity_factor", "slots per expert relative to a balanced load",
@@ -197,7 +214,9 @@ class ParallelismExplorer:
         sizes = self.mesh_sizes()
         mesh = " x ".join(f"{a}={n}" for a, n in sizes.items() if n > 1) or "one device"
         parts = {"batch": "the batch", "embed": "model width (FSDP)", "heads": "heads (TP)",
-                 "expert": "experts (EP)", "expert_mlp": "expert hidden (expert TP)"}
+                 "expert": "experts (EP)", "expert_mlp": "expert hidden (expert TP)",
+                 "layers": "layers into stages (PP)", "seq": "sequences (CP/SP)",
+                 "vocab": "the vocabulary"}
         split = ", ".join(f"{what} {self.split(name)} ways" for name, what in parts.items()
                           if self.split(name) > 1) or "nothing (every device holds everything)"
         return (f"mesh {mesh} ({len(self.devices)} devices), recipe {self.cfg.parallel.recipe}: "
@@ -249,8 +268,17 @@ class ParallelismExplorer:
         moe = cfg.moe
         if moe.dispatch == "capacity":
             moe = dataclasses.replace(moe, dispatch_groups=self.dispatch_groups())
-        parallel = dataclasses.replace(cfg.parallel, data=1, fsdp=1, tensor=1, expert=1)
+        parallel = dataclasses.replace(cfg.parallel, data=1, fsdp=1, tensor=1, expert=1, pipeline=1,
+                                       sequence=1, virtual_stages=1, sequence_parallel=False)
         return dataclasses.replace(cfg, moe=moe, parallel=parallel)
+
+    def schedule(self):
+        """The pipeline schedule's timeline for the current config (`toolkit.sharding.
+        schedules.Timeline`: ops per tick, bubble fraction), or None without a pipeline."""
+        if self.cfg is None or self.cfg.parallel.pipeline == 1:
+            return None
+        par = self.cfg.parallel
+        return timeline(par.schedule, par.pipeline, self.cfg.train.microbatches, par.virtual_stages)
 
     def equivalence(self) -> dict | None:
         """Loss and gradients of the first train batch on the mesh and on one device:
@@ -260,7 +288,7 @@ class ParallelismExplorer:
         def compute(cfg):
             single = self.single_device_config()
             loss_m, grads_m = self._loss_and_grads(cfg, self.devices)
-            loss_1, grads_1 = self._loss_and_grads(single, self.devices[:1])
+            loss_1, grads_1 = self._loss_and_grads(single, self.devices[:1], stack_as=cfg)
             grads = [{"path": path, "max_abs_diff": float(np.max(np.abs(g - grads_1[path]), initial=0)),
                       "max_abs": float(np.max(np.abs(grads_1[path]), initial=0))}
                      for path, g in grads_m.items()]
@@ -270,9 +298,14 @@ class ParallelismExplorer:
                     "single_dispatch_groups": single.moe.dispatch_groups}
         return self._memo("equivalence", compute)
 
-    def _loss_and_grads(self, cfg: Config, devices) -> tuple:
-        """(loss, {parameter path: gradient}) of train batch 0, on `devices`."""
+    def _loss_and_grads(self, cfg: Config, devices, stack_as: Config | None = None) -> tuple:
+        """(loss, {parameter path: gradient}) of train batch 0, on `devices`; with `stack_as`
+        a pipelined config, the blocks' gradients in its stacked layout."""
         if cfg.data not in self._corpus:
             self._corpus[cfg.data] = load_corpus(cfg.data)
         loss, grads, _ = loss_and_grads(cfg, devices, self._corpus[cfg.data])
-        return loss, {_path(keys): np.asarray(v.get_value()) for keys, v in nnx.to_flat_state(grads)}
+        tree = nnx.to_pure_dict(grads)
+        if stack_as is not None and stack_as.parallel.pipeline > 1:
+            tree = stacked_blocks_state(tree, stack_as.parallel.virtual_stages, stack_as.parallel.pipeline)
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return loss, {_path(k.key for k in keys): np.asarray(v) for keys, v in flat}

@@ -12,22 +12,29 @@ and a config computed before shows its results again at once.
     display(view.render("sharding"))                           # any table as HTML (computes it)
 """
 
+import base64
 import html
+import io
 import threading
 import traceback
 
 import ipywidgets as W
+import matplotlib.pyplot as plt
 from IPython.display import HTML
 
 from toolkit.sharding.mesh import MESH_AXES
+from toolkit.sharding.schedules import theory_bubble_fraction, theory_bubble_ratio
+from toolkit.viz.pipeline import schedule_gantt
 from toolkit.widgets.parallelism import CHOICES, ParallelismExplorer, recipes_table
 
-VIEWS = ("recipes", "sharding", "inspect", "communication", "equivalence")
-"""The tables: the recipes' rules, the parameter shardings, the compiled step's memory and
-collectives, the communication check, and the single-device equivalence check."""
+VIEWS = ("recipes", "sharding", "schedule", "inspect", "communication", "equivalence")
+"""The tables: the recipes' rules, the parameter shardings, the pipeline schedule's
+timeline, the compiled step's memory and collectives, the communication check, and the
+single-device equivalence check."""
 
-_TITLES = {"recipes": "Recipes", "sharding": "Sharding", "inspect": "Memory & collectives",
-           "communication": "Bytes vs formulas", "equivalence": "Equivalence"}
+_TITLES = {"recipes": "Recipes", "sharding": "Sharding", "schedule": "Pipeline schedule",
+           "inspect": "Memory & collectives", "communication": "Bytes vs formulas",
+           "equivalence": "Equivalence"}
 _STYLE = ('<style>.ptk td,.ptk th{padding:2px 8px;text-align:left;font-family:monospace;'
           'font-size:12px}.ptk tr:nth-child(even){background:rgba(127,127,127,.08)}'
           '.ptk .hi{font-weight:bold;background:rgba(255,200,0,.18)}</style>')
@@ -123,6 +130,27 @@ def equivalence_html(result: dict, top: int = 8) -> str:
             + html_table(shown, columns, caption=f"the {len(shown)} largest gradient differences"))
 
 
+def schedule_html(tl) -> str:
+    """The schedule's Gantt chart (PNG) and its bubble next to the theory, or a hint."""
+    if tl is None:
+        return "<p><i>set <b>pipeline</b> above 1 to see its schedule</i></p>"
+    buf = io.BytesIO()
+    fig = schedule_gantt(tl)
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    p, m, v = tl.stages, tl.microbatches, tl.virtual
+    rows = [{"what": "bubble fraction (idle share of stages x time)",
+             "timeline": f"{tl.bubble_fraction():.4f}",
+             "theory": f"{theory_bubble_fraction(p, m * v):.4f}"},
+            {"what": "bubble / ideal time (Megatron)", "timeline": f"{tl.bubble_ratio():.4f}",
+             "theory": f"{theory_bubble_ratio(p, m, v):.4f}"},
+            {"what": "micro-batch chunks stashed per stage", "timeline": str(tl.peak_in_flight()),
+             "theory": f"{m} (GPipe) / p-s (1F1B)"}]
+    img = base64.b64encode(buf.getvalue()).decode()
+    return (f'<img src="data:image/png;base64,{img}"/>' + _STYLE +
+            html_table(rows, [("what", ""), ("timeline", "from the timeline"), ("theory", "theory")]))
+
+
 class ParallelismExplorerView:
     """Widgets over a `ParallelismExplorer`: the choices, two buttons, the tables in tabs.
 
@@ -170,6 +198,8 @@ class ParallelismExplorerView:
         ex = self.explorer
         if name == "recipes":
             return recipes_html(ex.cfg.parallel.recipe if ex.cfg else "")
+        if name == "schedule" and not ex.error:
+            return schedule_html(ex.schedule())
         if name not in VIEWS:
             raise ValueError(f"view {name!r} is unknown; use one of {VIEWS}")
         if ex.error:
