@@ -22,11 +22,12 @@
 # JupyterLab updates both; the `.py` is the source under review, the `.ipynb` is kept without outputs.
 #
 # Choose a mesh (how many devices along `pipeline`, `data`, `fsdp`, `sequence`, `tensor` and
-# `expert`) and a parallelism recipe, and see what they do to the tiny MoE model on 8 simulated CPU devices: how every parameter
-# is split, how much memory each device holds, which collectives the compiler inserted into the train
-# step and how many bytes they move (beside the textbook formulas), and, last, that the loss and
-# gradients on the mesh equal those on one device. A section on pipelines draws the schedules
-# (GPipe, 1F1B, interleaved) as timelines with their bubbles.
+# `expert`) and a parallelism recipe, and see what they do to the tiny MoE model on 8 simulated
+# CPU devices: how every parameter is split, how much memory each device holds, which collectives
+# the compiler inserted into the train step and how many bytes they move (beside the textbook
+# formulas), and, last, that the loss and gradients on the mesh equal those on one device. A
+# section on pipelines draws the schedules (GPipe, 1F1B, interleaved) as timelines with their
+# bubbles.
 #
 # Everything the widget shows comes from a `ParallelismExplorer`, a plain state object
 # (`toolkit/widgets/parallelism.py`) that the tests drive without a browser. The same numbers come

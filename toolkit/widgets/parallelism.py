@@ -30,8 +30,8 @@ from toolkit.config import Config, ConfigError, apply_overrides, config_or_error
 from toolkit.data import load_corpus
 from toolkit.models.transformer import stacked_blocks_state
 from toolkit.sharding.mesh import MESH_AXES, make_mesh, rules_for
-from toolkit.sharding.schedules import SCHEDULES, timeline
 from toolkit.sharding.rules import LOGICAL_AXES, RECIPES, mesh_axes_of, recipe_rules
+from toolkit.sharding.schedules import SCHEDULES, timeline
 from toolkit.training.inspect import communication_check, inspect_train_step, loss_and_grads
 from toolkit.training.step import abstract_state
 
