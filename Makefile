@@ -35,6 +35,7 @@ lab: $(VENV)/.lab
 bench: $(STAMP)
 	$(PY) benchmarks/moe_layer.py
 	$(PY) benchmarks/moe_vs_dense.py
+	$(PY) benchmarks/pipeline.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

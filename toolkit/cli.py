@@ -29,7 +29,8 @@ def _parser():
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="dotted override, e.g. moe.num_experts=16 (repeatable)")
         s.add_argument("--mesh", default=None, metavar="AXIS=N,...",
-                       help="mesh axis sizes, e.g. data=2,fsdp=4 (axes: data, fsdp, tensor, expert)")
+                       help="mesh axis sizes, e.g. data=2,fsdp=4 (axes: pipeline, data, fsdp, "
+                            "sequence, tensor, expert)")
         s.add_argument("--recipe", default=None,
                        help="parallelism recipe: dp, fsdp, tp, ep, fsdp_ep, fsdp_tp_ep (default) "
                             "or folded; same as --set parallel.recipe=...")

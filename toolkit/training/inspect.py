@@ -67,7 +67,17 @@ def inspect_train_step(cfg: Config, devices=None) -> dict:
         "output_bytes": int(memory.output_size_in_bytes),
         "temp_bytes": int(memory.temp_size_in_bytes),
         "collectives": summarize_collectives(parse_collectives(compiled.as_text())),
+        "pipeline_ticks": _pipeline_ticks(cfg),
     }
+
+
+def _pipeline_ticks(cfg: Config) -> int:
+    """Ticks of the pipeline schedule (0 without a pipeline)."""
+    par = cfg.parallel
+    if par.pipeline == 1:
+        return 0
+    from toolkit.sharding.schedules import timeline
+    return int(timeline(par.schedule, par.pipeline, cfg.train.microbatches, par.virtual_stages).length)
 
 
 def render_inspection(info: dict) -> str:
@@ -87,6 +97,9 @@ def render_inspection(info: dict) -> str:
                      f"{mib(row['sent_bytes']):>16}")
     if not info["collectives"]:
         lines.append("  (none: every array is local)")
+    if info.get("pipeline_ticks"):
+        lines.append(f"  (counted once per op in the program; the pipeline's per-tick ops, e.g. its "
+                     f"collective-permutes, run {info['pipeline_ticks']} times a step)")
     return "\n".join(lines)
 
 
