@@ -139,6 +139,11 @@ def _rms_norm(x, scale, eps):
     return (y * scale).astype(x.dtype)
 
 
+def _psum32(x):
+    """`psum` over the pipeline in float32 (XLA:CPU fails to compile bf16 all-reduces here)."""
+    return jax.lax.psum(x.astype(jnp.float32), AXIS).astype(x.dtype)
+
+
 def _zeros(tree):
     return jax.tree.map(jnp.zeros_like, tree)
 
@@ -226,7 +231,7 @@ def _execute(stage_fn, pl: Plan, v: int, m: int, remat: bool, eps: float,
 
     def head_pass(c, y, t):
         """Loss of the micro-batch whose last chunk ended now, on every device's vocab."""
-        h = jax.lax.psum(jnp.where(s_idx == p - 1, y, 0), AXIS)
+        h = _psum32(jnp.where(s_idx == p - 1, y, 0))
         i = jnp.maximum(head[t], 0)
 
         def loss(sc, w, h):
@@ -234,7 +239,7 @@ def _execute(stage_fn, pl: Plan, v: int, m: int, remat: bool, eps: float,
             return jnp.mean(vocab_parallel_cross_entropy(z, targets_m[i], AXIS)) / m
         ce, vjp = jax.vjp(loss, scale, w_dv, h)
         dsc, dw, dh = vjp(jnp.float32(1.0))
-        dh = jax.lax.psum(dh, AXIS)
+        dh = _psum32(dh)
         slot = jnp.maximum(head_slot[t], 0)
         bbuf = c["bbuf"].at[slot].set(jnp.where(s_idx == p - 1, dh, c["bbuf"][slot]))
         return dict(c, ce=c["ce"] + ce, dscale=c["dscale"] + jax.lax.psum(dsc, AXIS),
@@ -254,7 +259,7 @@ def _execute(stage_fn, pl: Plan, v: int, m: int, remat: bool, eps: float,
     c, _ = jax.lax.scan(tick, carry0, jnp.arange(pl.ticks))
     aux = jax.lax.psum(c["aux"], AXIS) / m
     expand = functools.partial(jax.tree.map, lambda a: a[:, None])
-    return (c["ce"], aux, expand(c["metrics"]), expand(c["grads"]), jax.lax.psum(c["dx"], AXIS),
+    return (c["ce"], aux, expand(c["metrics"]), expand(c["grads"]), _psum32(c["dx"]),
             c["dscale"], c["dw"])
 
 
