@@ -75,14 +75,13 @@ class Plan:
 
 def _allocate(intervals) -> tuple:
     """Greedy slots for `(key, write_tick, read_tick)`: a slot is reused once read."""
-    slots, free_at, out = [], [], {}
+    free_at, out = [], {}
     for key, w, r in sorted(intervals, key=lambda x: x[1]):
         k = next((j for j, f in enumerate(free_at) if f <= w), None)
         if k is None:
             k = len(free_at)
             free_at.append(0)
         free_at[k], out[key] = r, k
-        slots.append(k)
     return out, len(free_at)
 
 
@@ -163,23 +162,25 @@ def _execute(stage_fn, pl: Plan, v: int, m: int, remat: bool, eps: float,
         return jax.tree.map(lambda a: a[r], tree)
 
     def chunk_fn(p_r, x, r):
-        (y, aux_loss), metrics = stage_fn(p_r, pick(rest, r), x)
-        return (y, aux_loss), metrics
+        """`((y, aux_loss), metrics)` of local chunk r."""
+        return stage_fn(p_r, pick(rest, r), x)
 
     out_meta = jax.eval_shape(lambda pr, x: chunk_fn(pr, x, 0), pick(params, 0), act)
-    if remat:
-        stash_like = act
-        keep = None
-    else:      # stash the autodiff residuals, except the parameters (already at hand)
+    stash_like, keep = act, None
+    if not remat:
+        # Stash the VJP's residuals (the leaves of the function `jax.vjp` returns), except
+        # those that are parameters, already at hand: keep[i] = j >= 0 when residual i is
+        # parameter leaf j, -1 when it is stashed.
+        found = {}
+
         def residuals(pr, x):
-            pr_leaves = jax.tree.leaves(pr)
             leaves = jax.tree.leaves(jax.vjp(lambda q, y: chunk_fn(q, y, 0), pr, x, has_aux=True)[1])
-            return [next((j for j, q in enumerate(pr_leaves) if q is leaf), -1) for leaf in leaves]
-        keep_meta = []
-        jax.eval_shape(lambda pr, x: keep_meta.append(residuals(pr, x)), pick(params, 0), act)
-        keep = keep_meta[0]
-        shapes = jax.eval_shape(lambda pr, x: jax.tree.leaves(jax.vjp(
-            lambda q, y: chunk_fn(q, y, 0), pr, x, has_aux=True)[1]), pick(params, 0), act)
+            pr_leaves = jax.tree.leaves(pr)
+            found["keep"] = [next((j for j, q in enumerate(pr_leaves) if q is leaf), -1)
+                             for leaf in leaves]
+            return leaves
+        shapes = jax.eval_shape(residuals, pick(params, 0), act)
+        keep = found["keep"]
         stash_like = [s for s, k in zip(shapes, keep, strict=True) if k < 0]
 
     def buf(n, like):
