@@ -62,6 +62,21 @@ def test_two_processes_train_like_one(tmp_path):
     assert "run written to" in again.stdout and len(_losses(two)) == 3
 
 
+@pytest.mark.multiprocess
+def test_two_processes_run_a_pipeline_like_one(tmp_path):
+    """Pipeline stages on different processes: the ppermutes cross the process boundary."""
+    mesh = ["--mesh", "pipeline=2,data=2,expert=2", "--set", "train.microbatches=2",
+            "--set", "parallel.recipe=fsdp_ep"]
+    args = [a for a in SMALL if a not in ("--mesh", "data=2,expert=4")] + mesh
+    two, one = tmp_path / "two", tmp_path / "one"
+    out = _cli("launch", "--processes", "2", "--", "train", *args, "--out", str(two))
+    assert out.returncode == 0, out.stderr[-3000:]
+    single = _cli("train", *args, "--out", str(one))
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert len(_losses(two)) == 3
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
+
+
 def test_launch_stops_the_others_when_one_fails():
     script = ("import os, sys, time\n"
               f"if os.environ['{PROCESS_ID}'] == '1':\n"
