@@ -28,9 +28,9 @@ With `parallel.pipeline = p > 1` the blocks are stacked instead of listed: `mode
 is one `Stage` (L/(p v) consecutive blocks) whose every variable has two leading axes
 `[v, p, ...]` (chunk `r*p + s` at `[r, s]`; logical names `(None, "layers", ...)`, so the
 `p` axis lies on the `pipeline` mesh axis). Same seed, same numbers as the listed model
-(`stacked_blocks_state` converts
-a listed state). Calling the model runs the chunks in order, which is
-what evaluation uses; training runs them as a pipeline (`toolkit.sharding.pipeline`).
+(`stacked_blocks_state` converts a listed state). Calling the model runs the chunks in
+order, which is what evaluation uses; training runs them as a pipeline
+(`toolkit.sharding.pipeline`).
 """
 
 import jax
@@ -109,7 +109,7 @@ def stack_stages(blocks, v: int, p: int) -> Stage:
     """One `Stage` whose variables stack the `v*p` chunks of `blocks` as `[v, p, ...]`."""
     per = len(blocks) // (v * p)
     chunks = [Stage(blocks[c * per:(c + 1) * per]) for c in range(v * p)]
-    graphdef, *states = (nnx.split(chunks[0])[0],) + tuple(nnx.state(c) for c in chunks)
+    graphdef, states = nnx.split(chunks[0])[0], [nnx.state(c) for c in chunks]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs).reshape((v, p) + xs[0].shape), *states)
     template = nnx.merge(graphdef, nnx.state(chunks[0]))
     nnx.update(template, stacked)
