@@ -23,6 +23,13 @@ def param(rngs: nnx.Rngs, shape, names, *, fan_in=None, scale=1.0) -> nnx.Param:
                      logical_axes=tuple(names))
 
 
+def rms_norm(x, scale, eps: float):
+    """x / rms(x) * scale over the last axis, computed in float32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * scale).astype(x.dtype)
+
+
 class RMSNorm(nnx.Module):
     """y = x / rms(x) * scale, computed in float32."""
 
@@ -31,9 +38,7 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...]).astype(x.dtype)
+        return rms_norm(x, self.scale[...], self.eps)
 
 
 class Embed(nnx.Module):

@@ -78,6 +78,19 @@ class MoEAux:
     expert_ids: jax.Array
 
 
+# Metric name the trainer logs -> MoEAux field.
+AUX_METRICS = {"load_balance_loss": "load_balance_loss", "z_loss": "z_loss",
+               "seq_balance_loss": "seq_balance_loss", "expert_counts": "expert_counts",
+               "computed_counts": "computed_counts", "dropped_fraction": "dropped_fraction",
+               "router_entropy": "entropy", "tsallis_entropy": "tsallis_entropy",
+               "experts_per_token": "experts_per_token", "activation_zeros": "activation_zeros"}
+
+
+def aux_metrics(aux: MoEAux) -> dict:
+    """The per-layer metrics the trainer logs, from (stacked) `MoEAux` records."""
+    return {name: getattr(aux, field) for name, field in AUX_METRICS.items()}
+
+
 def balance_weights(cfg: MoEConfig) -> jax.Array:
     """[E] eta of the MoE++ heterogeneous balance loss: zc_tau on zero, copy and constant
     experts, 1 on FFN and GRU experts."""

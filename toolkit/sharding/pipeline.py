@@ -47,6 +47,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from toolkit.models.layers import rms_norm
+from toolkit.moe.layer import aux_metrics
 from toolkit.sharding.mesh import rules_for
 from toolkit.sharding.rules import use_rules
 from toolkit.sharding.schedules import Timeline, timeline
@@ -130,12 +132,6 @@ def split_microbatches(x, m: int):
     """`[B, ...] -> [m, B/m, ...]`, micro-batch i = rows i, i+m, i+2m, ... (a strided split
     keeps each micro-batch spread over the data-parallel shards of the batch)."""
     return jnp.swapaxes(x.reshape((x.shape[0] // m, m) + x.shape[1:]), 0, 1)
-
-
-def _rms_norm(x, scale, eps):
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (y * scale).astype(x.dtype)
 
 
 def _psum32(x):
@@ -236,7 +232,7 @@ def _execute(stage_fn, pl: Plan, v: int, m: int, remat: bool, eps: float,
         i = jnp.maximum(head[t], 0)
 
         def loss(sc, w, h):
-            z = (_rms_norm(h, sc, eps) @ w.astype(h.dtype)).astype(jnp.float32)
+            z = (rms_norm(h, sc, eps) @ w.astype(h.dtype)).astype(jnp.float32)
             return jnp.mean(vocab_parallel_cross_entropy(z, targets_m[i], AXIS)) / m
         ce, vjp = jax.vjp(loss, scale, w_dv, h)
         dsc, dw, dh = vjp(jnp.float32(1.0))
@@ -298,7 +294,7 @@ def pipeline_value_and_grad(model, batch, cfg, aux_loss_of):
         y, aux = stage(x, positions)
         if aux is None:
             return (y, jnp.zeros((), jnp.float32)), {}
-        return (y, aux_loss_of(aux)), _aux_metrics(aux)
+        return (y, aux_loss_of(aux)), aux_metrics(aux)
 
     stage_rest = nnx.split(model.stages, nnx.Param, ...)[2]
     targets_m = split_microbatches(batch["targets"], m)
@@ -335,15 +331,3 @@ def pipeline_value_and_grad(model, batch, cfg, aux_loss_of):
     metrics = jax.tree.map(lambda a: a.reshape((v * p * a.shape[2],) + a.shape[3:]), metrics)
     metrics = {k: (a if k.endswith("_counts") else a / m) for k, a in metrics.items()}
     return (loss, dict(metrics, ce=ce, loss=loss)), grads
-
-
-_METRIC_FIELDS = {"expert_counts": "expert_counts", "computed_counts": "computed_counts",
-                  "dropped_fraction": "dropped_fraction", "load_balance_loss": "load_balance_loss",
-                  "seq_balance_loss": "seq_balance_loss", "z_loss": "z_loss",
-                  "router_entropy": "entropy", "tsallis_entropy": "tsallis_entropy",
-                  "experts_per_token": "experts_per_token", "activation_zeros": "activation_zeros"}
-
-
-def _aux_metrics(aux) -> dict:
-    """The per-layer metrics the trainer logs, from a chunk's stacked `MoEAux`."""
-    return {name: getattr(aux, field) for name, field in _METRIC_FIELDS.items()}

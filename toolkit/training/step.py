@@ -34,7 +34,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from toolkit.config import Config
-from toolkit.models.transformer import Transformer
+from toolkit.models.transformer import Transformer, pipeline_chunks
+from toolkit.moe.layer import aux_metrics
 from toolkit.moe.router import update_bias
 from toolkit.sharding.mesh import batch_sharding, rules_for, sharded_abstract, state_shardings
 from toolkit.sharding.pipeline import pipeline_value_and_grad, split_microbatches
@@ -122,12 +123,7 @@ def loss_fn(model, batch, cfg: Config):
     loss = ce
     if aux is not None:
         loss = loss + router_loss(aux, cfg)
-        metrics.update(load_balance_loss=aux.load_balance_loss, z_loss=aux.z_loss,
-                       seq_balance_loss=aux.seq_balance_loss, expert_counts=aux.expert_counts,
-                       computed_counts=aux.computed_counts, dropped_fraction=aux.dropped_fraction,
-                       router_entropy=aux.entropy, tsallis_entropy=aux.tsallis_entropy,
-                       experts_per_token=aux.experts_per_token,
-                       activation_zeros=aux.activation_zeros)
+        metrics.update(aux_metrics(aux))
     if mtp_logits is not None:
         mtp_ce_j = mtp_loss(mtp_logits, batch["targets"])
         loss = loss + cfg.model.mtp_loss_weight * jnp.mean(mtp_ce_j)
@@ -184,8 +180,8 @@ def update_router_biases(model, expert_counts_le, cfg: Config):
     rate = cfg.moe.bias_update_rate
     if model.stages is not None:     # stacked [v, p, ...]: layer (r*p + s)*n + j is block j of [r, s]
         moe_blocks = [b for b in model.stages.blocks if b.is_moe]
-        v, p, n = model.stages.blocks[0].attn_norm.scale[...].shape[:2] + (len(moe_blocks),)
-        counts_vpne = expert_counts_le.reshape(v, p, n, -1)
+        v, p, _ = pipeline_chunks(cfg)
+        counts_vpne = expert_counts_le.reshape(v, p, len(moe_blocks), -1)
         step = jax.vmap(jax.vmap(functools.partial(update_bias, rate=rate)))
         for j, block in enumerate(moe_blocks):
             block.ffn.router.bias[...] = step(block.ffn.router.bias[...], counts_vpne[:, :, j])
