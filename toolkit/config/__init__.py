@@ -12,10 +12,12 @@ overrides, the same way from the CLI, a notebook or a widget:
 from toolkit.config.overrides import all_keys, apply_overrides, describe
 from toolkit.config.presets import (
                                     PRESETS,
+                                    RECIPES,
                                     deepseek_v3,
                                     dense_twin,
                                     ling_mini_2,
                                     mixtral_8x7b,
+                                    precision_recipe,
                                     preset,
                                     qwen3_30b_a3b,
                                     small,
@@ -29,15 +31,17 @@ from toolkit.config.schema import (
                                     ModelConfig,
                                     MoEConfig,
                                     ParallelConfig,
+                                    PrecisionConfig,
                                     TrainConfig,
                                     from_dict,
 )
 from toolkit.config.validate import config_or_error, validate
 
 __all__ = [
-    "PRESETS", "Config", "ConfigError", "DataConfig", "KernelConfig", "MoEConfig", "ModelConfig",
+    "PRESETS", "RECIPES", "Config", "ConfigError", "DataConfig", "KernelConfig", "MoEConfig", "ModelConfig",
     "config_or_error",
-    "ParallelConfig", "TrainConfig", "all_keys", "apply_overrides", "deepseek_v3", "dense_twin", "describe",
-    "from_dict", "ling_mini_2", "mixtral_8x7b", "preset", "qwen3_30b_a3b", "small", "tiny",
-    "validate",
+    "ParallelConfig", "PrecisionConfig", "TrainConfig", "all_keys", "apply_overrides",
+    "deepseek_v3", "dense_twin", "describe",
+    "from_dict", "ling_mini_2", "mixtral_8x7b", "precision_recipe", "preset", "qwen3_30b_a3b", "small",
+    "tiny", "validate",
 ]

@@ -60,6 +60,11 @@ def apply_overrides(cfg: Config, overrides) -> Config:
     sections = _sections(cfg)
     for key, value in items:
         parts = key.split(".")
+        if key == "precision" and isinstance(value, str):   # a whole recipe: precision=fp8
+            from toolkit.config.presets import precision_recipe
+            cfg = dataclasses.replace(cfg, precision=precision_recipe(value))
+            sections = _sections(cfg)
+            continue
         if len(parts) == 1 and parts[0] in {f.name for f in dataclasses.fields(cfg)} \
                 and parts[0] not in sections:
             cfg = dataclasses.replace(cfg, **{key: value if not isinstance(value, str) else value})

@@ -14,6 +14,7 @@ from toolkit.config.schema import (
     ModelConfig,
     MoEConfig,
     ParallelConfig,
+    PrecisionConfig,
     TrainConfig,
 )
 
@@ -99,6 +100,36 @@ def dense_twin(cfg: Config) -> Config:
         model=dataclasses.replace(cfg.model, d_ff=width),
         moe=dataclasses.replace(cfg.moe, num_experts=0, num_shared_experts=0),
     )
+
+
+def _linear_layers(weights: str, acts: str, grads: str) -> PrecisionConfig:
+    """One format set on the attention, dense MLP and expert matmuls; router and LM head
+    stay in full precision (as DeepSeek-V3 and Ling 2.0 keep them)."""
+    kw = {f"{cls}_{role}": fmt for cls in ("attention", "mlp", "experts")
+          for role, fmt in (("weights", weights), ("acts", acts), ("grads", grads))}
+    return PrecisionConfig(**kw)
+
+
+# Whole precision policies, set with the override `precision=<name>`.
+RECIPES = {
+    "none": PrecisionConfig,
+    # DeepSeek-V3 / Ling 2.0: E4M3 everywhere, 128x128 weight blocks, 1x128 activation and
+    # gradient tiles, FP32 scales.
+    "fp8": lambda: _linear_layers("fp8_e4m3_128x128", "fp8_e4m3_1x128", "fp8_e4m3_1x128"),
+    # The classic hybrid: E5M2's range for gradients.
+    "fp8_e5m2_grads": lambda: _linear_layers("fp8_e4m3_128x128", "fp8_e4m3_1x128", "fp8_e5m2_1x128"),
+    # INT v.s. FP's training runs: one MX format for weights, activations and gradients.
+    "mxfp8": lambda: _linear_layers("mxfp8", "mxfp8", "mxfp8"),
+    "mxint8": lambda: _linear_layers("mxint8", "mxint8", "mxint8"),
+}
+
+
+def precision_recipe(name: str) -> PrecisionConfig:
+    """The `PrecisionConfig` of recipe `name` (a key of `RECIPES`)."""
+    if name not in RECIPES:
+        raise ConfigError(f"precision={name!r} is not a recipe; use one of {sorted(RECIPES)}, "
+                          f"or set fields such as precision.experts_weights=mxint8")
+    return RECIPES[name]()
 
 
 PRESETS = {f.__name__: f for f in (tiny, small, mixtral_8x7b, deepseek_v3, ling_mini_2, qwen3_30b_a3b)}

@@ -331,6 +331,61 @@ class KernelConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PrecisionConfig:
+    """Number formats of the matmuls (fake-quant training and inference; `toolkit.precision`).
+
+    Each matmul class has a format for its weights, its input activations and its output
+    gradient (the cotangent, quantized once and used for both the input and the weight
+    gradient). A format is a name from `toolkit.precision.FORMATS` ("fp8_e4m3_1x128",
+    "mxint8", "nvfp4", "int4", ...) or "" for full precision. Whole recipes:
+    `toolkit.precision.RECIPES` ("fp8", "mxfp8", "mxint8"), set with `precision=fp8`.
+
+    Attributes:
+      attention_weights: q, k, v and output projection weights.
+      attention_acts: inputs of those projections.
+      attention_grads: gradients of their outputs.
+      mlp_weights: dense SwiGLU layers (non-MoE layers).
+      mlp_acts: inputs of the dense SwiGLU matmuls.
+      mlp_grads: gradients of their outputs.
+      experts_weights: routed and shared experts' matmuls.
+      experts_acts: inputs of the experts' matmuls.
+      experts_grads: gradients of their outputs.
+      router_weights: the router projection (full precision by default, as in DeepSeek-V3).
+      router_acts: the router's input.
+      router_grads: the gradient of the router logits.
+      head_weights: the output projection (LM head).
+      head_acts: its input.
+      head_grads: the gradient of the logits.
+      kv_cache: format of the cached keys and values (per token and head, along head_dim),
+        "" for none; applied wherever attention runs under this config (meant for eval).
+      rotation: random Hadamard rotation block applied to both operands of every quantized
+        matmul along the contraction axis before quantizing (0: none; 16, 32, ...).
+      mode: "fake" (quantize-dequantize in float32, any backend), "native" (FP8 operands
+        through a real fp8 dot with `preferred_element_type=float32` where both operands are
+        FP8), or "auto" (native on GPUs with FP8 units, fake elsewhere).
+    """
+
+    attention_weights: str = ""
+    attention_acts: str = ""
+    attention_grads: str = ""
+    mlp_weights: str = ""
+    mlp_acts: str = ""
+    mlp_grads: str = ""
+    experts_weights: str = ""
+    experts_acts: str = ""
+    experts_grads: str = ""
+    router_weights: str = ""
+    router_acts: str = ""
+    router_grads: str = ""
+    head_weights: str = ""
+    head_acts: str = ""
+    head_grads: str = ""
+    kv_cache: str = ""
+    rotation: int = 0
+    mode: str = "auto"
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """A whole run. `name` labels the run directory."""
 
@@ -341,6 +396,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -359,7 +415,8 @@ def from_dict(d: dict) -> Config:
     key moved (`MOVED_KEYS`). An unknown key raises ConfigError naming it."""
     kinds = {f.name: f.type for f in dataclasses.fields(Config)}
     classes = dict(model=ModelConfig, moe=MoEConfig, parallel=ParallelConfig,
-                   train=TrainConfig, data=DataConfig, kernels=KernelConfig)
+                   train=TrainConfig, data=DataConfig, kernels=KernelConfig,
+                   precision=PrecisionConfig)
     d = {k: dict(v) if k in classes else v for k, v in d.items()}
     for (sec, key), (new_sec, new_key) in MOVED_KEYS.items():
         if key in d.get(sec, {}):

@@ -222,6 +222,7 @@ def validate(cfg: Config, num_devices: int | None = None, domain_tokens: dict | 
                       f"{moe.z_loss_weight} must be >= 0")
 
     errors += _kernel_errors(cfg.kernels, m)
+    errors += _precision_errors(cfg)
     mesh_errors = _mesh_errors(cfg, num_devices)
     errors += _parallel_option_errors(cfg.parallel)
     errors += mesh_errors
@@ -264,6 +265,34 @@ def validate(cfg: Config, num_devices: int | None = None, domain_tokens: dict | 
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     return cfg
+
+
+def _precision_errors(cfg: Config) -> list:
+    from toolkit.precision.fake_quant import CLASSES, MODES
+    from toolkit.precision.formats import FORMATS
+
+    pc, errors = cfg.precision, []
+    keys = [f"{c}_{r}" for c in CLASSES for r in ("weights", "acts", "grads")] + ["kv_cache"]
+    for key in keys:
+        name = getattr(pc, key)
+        if name and name not in FORMATS:
+            errors.append(f"precision.{key}={name!r} is not a number format; use '' (full "
+                          f"precision) or one of {', '.join(FORMATS)}")
+        elif name and FORMATS[name].scaling == "block2d" and not key.endswith("_weights"):
+            errors.append(f"precision.{key}={name!r} tiles two axes, which only weights have; "
+                          f"use a 1x128 tile format such as 'fp8_e4m3_1x128'")
+    if pc.mode not in MODES:
+        errors.append(f"precision.mode={pc.mode!r} is unknown; use one of {MODES}")
+    g = pc.rotation
+    widths = {"model.d_model": cfg.model.d_model, "model.head_dim": cfg.model.head_dim,
+              "model.d_ff": cfg.model.d_ff}
+    if cfg.moe.num_experts:
+        widths["expert width"] = cfg.moe.expert_width(cfg.model.d_ff)
+    if g < 0 or (g and (g & (g - 1) or any(w % g for w in widths.values()))):
+        fits = [b for b in (8, 16, 32, 64, 128) if all(w % b == 0 for w in widths.values())]
+        errors.append(f"precision.rotation={g} must be 0 or a power of two dividing {widths}; "
+                      f"use 0 or one of {fits}")
+    return errors
 
 
 _EXCHANGES = ("auto", "ragged_all_to_all", "all_gather")

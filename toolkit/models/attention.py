@@ -15,13 +15,14 @@ projections (`toolkit.sharding.tensor_parallel`).
 """
 
 import functools
+import math
 
-import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels import flash_attention
 from toolkit.config import ModelConfig
 from toolkit.models.layers import param, rope
+from toolkit.precision.fake_quant import linear, quantize_kv, quantize_weight
 from toolkit.sharding.context_parallel import context_attention
 from toolkit.sharding.tensor_parallel import psum_if, tensor_parallel
 
@@ -45,14 +46,19 @@ class Attention(nnx.Module):
 
     def __call__(self, x_btd, positions_bt):
         dt = x_btd.dtype
-        weights = [(self.w_q[...].astype(dt), ("embed", "heads", "kv")),
-                   (self.w_k[...].astype(dt), ("embed", "kv_heads", "kv")),
-                   (self.w_v[...].astype(dt), ("embed", "kv_heads", "kv")),
-                   (self.w_o[...].astype(dt), ("heads", "kv", "embed"))]
+        weights = [(_quantized(self.w_q[...].astype(dt), 1), ("embed", "heads", "kv")),
+                   (_quantized(self.w_k[...].astype(dt), 1), ("embed", "kv_heads", "kv")),
+                   (_quantized(self.w_v[...].astype(dt), 1), ("embed", "kv_heads", "kv")),
+                   (_quantized(self.w_o[...].astype(dt), 2), ("heads", "kv", "embed"))]
         local = functools.partial(_attention, theta=self.rope_theta, impl=self.impl,
                                   context=self.context)
         return tensor_parallel(local, x_btd, weights, split=("heads", "kv_heads"),
                                extra=(positions_bt,), chunks=self.tp_chunks, sequence_axis=True)
+
+
+def _quantized(w, k_dims: int):
+    """`w` under the "attention" formats, its first `k_dims` axes flattened as the K axis."""
+    return quantize_weight(w.reshape(math.prod(w.shape[:k_dims]), -1), "attention").reshape(w.shape)
 
 
 def _attention(x_btd, positions_bt, w_q, w_k, w_v, w_o, *, theta, impl, context, tensor_axis,
@@ -60,11 +66,13 @@ def _attention(x_btd, positions_bt, w_q, w_k, w_v, w_o, *, theta, impl, context,
     """Attention on one device's heads: x `[B, S, d]`, w_q `[d, N_local, h]`, w_k, w_v
     `[d, K_local, h]`, w_o `[N_local, h, d]`; the output projections summed over devices.
     With `sequence_axis`, x holds `[B, S/n, d]` pieces and attention is context-parallel."""
-    q_btnh = rope(jnp.einsum("btd,dnh->btnh", x_btd, w_q), positions_bt, theta)
-    k_btkh = rope(jnp.einsum("btd,dkh->btkh", x_btd, w_k), positions_bt, theta)
-    v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, w_v)
+    q_btnh = rope(linear(x_btd, w_q, "attention"), positions_bt, theta)
+    k_btkh = quantize_kv(rope(linear(x_btd, w_k, "attention"), positions_bt, theta))
+    v_btkh = quantize_kv(linear(x_btd, w_v, "attention"))
     if sequence_axis:
         o_btnh = context_attention(q_btnh, k_btkh, v_btkh, sequence_axis, context)
     else:
         o_btnh = flash_attention(q_btnh, k_btkh, v_btkh, causal=True, impl=impl)
-    return psum_if(jnp.einsum("btnh,nhd->btd", o_btnh, w_o), tensor_axis)
+    b, t, n, h = o_btnh.shape
+    return psum_if(linear(o_btnh.reshape(b, t, n * h), w_o.reshape(n * h, -1), "attention"),
+                   tensor_axis)

@@ -7,10 +7,13 @@ Variable metadata; `toolkit.sharding.state_shardings` turns those into shardings
     y_btd = SwiGLU(d_model, d_ff, rngs=rngs)(x_btd)
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from toolkit.precision.fake_quant import linear, quantize_weight
 from toolkit.sharding.rules import constrain
 from toolkit.sharding.tensor_parallel import psum_if, tensor_parallel
 
@@ -42,7 +45,8 @@ class RMSNorm(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding table `[vocab, d]`; `attend` reuses it as the output projection."""
+    """Token embedding table `[vocab, d]` (its transpose is the output projection when
+    `model.tie_embeddings`)."""
 
     def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs):
         self.table = param(rngs, (vocab, dim), ("vocab", "embed"), fan_in=1)
@@ -50,9 +54,6 @@ class Embed(nnx.Module):
     def __call__(self, ids_bt, dtype):
         table_vd = constrain(self.table[...].astype(dtype), ("vocab", None))  # gather FSDP shards
         return jnp.take(table_vd, ids_bt, axis=0)
-
-    def attend(self, x_btd):
-        return jnp.einsum("btd,vd->btv", x_btd, self.table[...].astype(x_btd.dtype))
 
 
 def rope(x_bthk, positions_bt, theta: float):
@@ -70,23 +71,26 @@ class SwiGLU(nnx.Module):
     """Dense gated MLP: (silu(x W_gate) * x W_up) W_down; on a mesh, column- then
     row-parallel over the tensor axis with one all-reduce (`tensor_parallel`)."""
 
-    def __init__(self, d_model: int, d_ff: int, *, tp_chunks: int = 1, rngs: nnx.Rngs):
+    def __init__(self, d_model: int, d_ff: int, *, tp_chunks: int = 1, kind: str = "mlp",
+                 rngs: nnx.Rngs):
         """`tp_chunks`: token pieces per device under tensor parallelism, each with its own
-        all-reduce (`parallel.overlap_chunks`)."""
-        self.tp_chunks = tp_chunks
+        all-reduce (`parallel.overlap_chunks`); `kind`: the matmul class whose precision
+        formats apply ("mlp", or "experts" for shared experts)."""
+        self.tp_chunks, self.kind = tp_chunks, kind
         self.w_gate = param(rngs, (d_model, d_ff), ("embed", "mlp"))
         self.w_up = param(rngs, (d_model, d_ff), ("embed", "mlp"))
         self.w_down = param(rngs, (d_ff, d_model), ("mlp", "embed"))
 
     def __call__(self, x):
-        dt = x.dtype
-        weights = [(self.w_gate[...].astype(dt), ("embed", "mlp")),
-                   (self.w_up[...].astype(dt), ("embed", "mlp")),
-                   (self.w_down[...].astype(dt), ("mlp", "embed"))]
-        return tensor_parallel(_swiglu, x, weights, split="mlp", chunks=self.tp_chunks)
+        dt, kind = x.dtype, self.kind
+        weights = [(quantize_weight(self.w_gate[...].astype(dt), kind), ("embed", "mlp")),
+                   (quantize_weight(self.w_up[...].astype(dt), kind), ("embed", "mlp")),
+                   (quantize_weight(self.w_down[...].astype(dt), kind), ("mlp", "embed"))]
+        return tensor_parallel(functools.partial(_swiglu, kind=kind), x, weights, split="mlp",
+                               chunks=self.tp_chunks)
 
 
-def _swiglu(x, w_gate, w_up, w_down, *, tensor_axis):
+def _swiglu(x, w_gate, w_up, w_down, *, kind, tensor_axis):
     """One device's hidden slice: w_gate, w_up `[d, F_local]`, w_down `[F_local, d]`."""
-    h = jax.nn.silu(x @ w_gate) * (x @ w_up)
-    return psum_if(h @ w_down, tensor_axis)
+    h = jax.nn.silu(linear(x, w_gate, kind)) * linear(x, w_up, kind)
+    return psum_if(linear(h, w_down, kind), tensor_axis)

@@ -42,6 +42,7 @@ from toolkit.models.attention import Attention
 from toolkit.models.layers import Embed, RMSNorm, SwiGLU, param
 from toolkit.moe.layer import MoELayer
 from toolkit.moe.recurrent import GRU
+from toolkit.precision.fake_quant import linear, quantize_weight, use_precision
 from toolkit.sharding.mesh import rules_for
 from toolkit.sharding.rules import constrain, use_rules
 
@@ -175,15 +176,13 @@ class Transformer(nnx.Module):
     def logits(self, x_btd):
         """The shared output head: final norm, then unembedding, in float32."""
         x_btd = self.final_norm(x_btd)
-        if self.unembed is None:
-            logits_btv = self.embed.attend(x_btd)
-        else:
-            logits_btv = x_btd @ self.unembed[...].astype(x_btd.dtype)
+        w_dv = self.embed.table[...].T if self.unembed is None else self.unembed[...]
+        logits_btv = linear(x_btd, quantize_weight(w_dv.astype(x_btd.dtype), "head"), "head")
         return logits_btv.astype(jnp.float32)
 
     def __call__(self, tokens_bt, mtp_tokens_bt=None):
         # Logical axis names resolve through the recipe's table while the model is traced.
-        with use_rules(rules_for(self.cfg.parallel)):
+        with use_rules(rules_for(self.cfg.parallel)), use_precision(self.cfg.precision):
             return self._forward(tokens_bt, mtp_tokens_bt)
 
     def _forward(self, tokens_bt, mtp_tokens_bt):

@@ -26,6 +26,7 @@ from flax import nnx
 
 from pallas_kernels import gmm
 from toolkit.models.layers import param
+from toolkit.precision.fake_quant import quantize_acts, quantize_out, quantize_weight, record
 
 _ACTIVATIONS = {"swiglu": jax.nn.silu, "reglu": jax.nn.relu}
 
@@ -66,11 +67,15 @@ def gated_experts(xs, group_sizes, weights, *, kinds, activation, impl=None, ten
             if group_offset is not None:
                 offset = group_offset
             kw = {"group_offset": offset} if len(kinds) > 1 or group_offset is not None else {}
-        h = gmm(x_k, jnp.concatenate([w_gate, w_up], axis=-1), sizes, impl=impl, **kw)
+        h = gmm(quantize_acts(x_k, "experts"), jnp.concatenate([w_gate, w_up], axis=-1), sizes,
+                impl=impl, **kw)
+        h = quantize_out(h, "experts")
         act = act_fn(h[..., :d_expert]) * h[..., d_expert:]
-        out = gmm(act, w_down, sizes, impl=impl, **kw)
-        y = jnp.concatenate([y, out], axis=1) if xs.ndim == 4 and offset else y + out
         rows = _rows_of(xs, group_sizes, offset, count)
+        record("experts", jnp.where(rows[..., None], x_k, 0))       # computed rows only
+        record("experts", jnp.where(rows[..., None], act, 0))
+        out = quantize_out(gmm(quantize_acts(act, "experts"), w_down, sizes, impl=impl, **kw), "experts")
+        y = jnp.concatenate([y, out], axis=1) if xs.ndim == 4 and offset else y + out
         zero_rows = jnp.sum(jax.lax.stop_gradient(act) == 0, axis=-1)
         axes = tuple(range(1, rows.ndim))
         zeros_g = zeros_g + jnp.sum(jnp.where(rows, zero_rows, 0), axis=axes).astype(jnp.float32)
@@ -104,9 +109,11 @@ class Experts(nnx.Module):
         self.gmm_impl = gmm_impl or None
 
     def weights(self, dtype) -> list:
-        """[(w_gate, w_up, w_down)] per width class, cast to `dtype`."""
+        """[(w_gate, w_up, w_down)] per width class, cast to `dtype` and quantized under the
+        "experts" precision formats (groups along each expert's K axis)."""
         kinds = [(self.w_gate, self.w_up, self.w_down)] + ([tuple(self.small)] if self.small else [])
-        return [tuple(w[...].astype(dtype) for w in kind) for kind in kinds]
+        return [tuple(quantize_weight(w[...].astype(dtype), "experts", axis=1) for w in kind)
+                for kind in kinds]
 
     def compute(self, xs, group_sizes, weights, *, tensor_axis=None, group_offset=None):
         """`gated_experts` with this module's kinds and activation on local arrays."""

@@ -120,7 +120,8 @@ class MoELayer(nnx.Module):
                                activation=cfg.expert_activation, gmm_impl=gmm_impl, rngs=rngs)
         self.local = LocalExperts(d_model, cfg, rngs=rngs) if cfg.num_local_experts else None
         chunks = parallel.overlap_chunks if parallel is not None else 1
-        self.shared = (SwiGLU(d_model, cfg.num_shared_experts * d_expert, tp_chunks=chunks, rngs=rngs)
+        self.shared = (SwiGLU(d_model, cfg.num_shared_experts * d_expert, tp_chunks=chunks, kind="experts",
+                              rngs=rngs)
                        if cfg.num_shared_experts else None)
 
     def num_groups(self, batch: int) -> int:

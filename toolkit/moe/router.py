@@ -55,6 +55,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from toolkit.models.layers import param
+from toolkit.precision.fake_quant import linear, quantize_weight
 
 
 @struct.dataclass
@@ -135,7 +136,8 @@ class Router(nnx.Module):
         return logits_te
 
     def logits(self, x_td, state):
-        return self.gated(self.jittered(x_td) @ self.w_de[...], state)
+        w_de = quantize_weight(self.w_de[...], "router")
+        return self.gated(linear(self.jittered(x_td), w_de, "router"), state)
 
 
 class TopKRouter(Router):

@@ -49,6 +49,7 @@ from jax.sharding import PartitionSpec as P
 
 from toolkit.models.layers import rms_norm
 from toolkit.moe.layer import aux_metrics
+from toolkit.precision.fake_quant import linear, quantize_weight, use_precision
 from toolkit.sharding.mesh import rules_for
 from toolkit.sharding.rules import use_rules
 from toolkit.sharding.schedules import Timeline, timeline
@@ -232,7 +233,7 @@ def _execute(stage_fn, pl: Plan, v: int, m: int, remat: bool, eps: float,
         i = jnp.maximum(head[t], 0)
 
         def loss(sc, w, h):
-            z = (rms_norm(h, sc, eps) @ w.astype(h.dtype)).astype(jnp.float32)
+            z = linear(rms_norm(h, sc, eps), w.astype(h.dtype), "head").astype(jnp.float32)
             return jnp.mean(vocab_parallel_cross_entropy(z, targets_m[i], AXIS)) / m
         ce, vjp = jax.vjp(loss, scale, w_dv, h)
         dsc, dw, dh = vjp(jnp.float32(1.0))
@@ -321,12 +322,12 @@ def pipeline_value_and_grad(model, batch, cfg, aux_loss_of):
         w_dv = mdl.embed.table[...].T if mdl.unembed is None else mdl.unembed[...]
         # The executor splits the vocabulary over `pipeline` only (XLA's partitioner rejects
         # a dimension split over a manual and an automatic axis at once).
-        w_dv = jax.lax.with_sharding_constraint(w_dv, P(None, AXIS))
+        w_dv = jax.lax.with_sharding_constraint(quantize_weight(w_dv, "head"), P(None, AXIS))
         stage_params = nnx.state(mdl.stages, nnx.Param)
         ce, aux, metrics = loss_parts(stage_params, x_m, mdl.final_norm.scale[...], w_dv)
         return ce + aux, (ce, metrics)
 
-    with use_rules(rules_for(cfg.parallel)):
+    with use_rules(rules_for(cfg.parallel)), use_precision(cfg.precision):
         (loss, (ce, metrics)), grads = jax.value_and_grad(full, has_aux=True)(params)
     metrics = jax.tree.map(lambda a: a.reshape((v * p * a.shape[2],) + a.shape[3:]), metrics)
     metrics = {k: (a if k.endswith("_counts") else a / m) for k, a in metrics.items()}
