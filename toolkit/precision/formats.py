@@ -168,14 +168,19 @@ def round_to_element(v, element: str, *, symmetric: bool = True):
         return jnp.clip(jnp.round(v), lo, vmax)
     emin = 2 - 2 ** (e - 1)                            # exponent of the smallest normal
     _, exp = jnp.frexp(jnp.abs(v))                     # |v| = mant * 2^exp, mant in [0.5, 1)
-    step = jnp.exp2((jnp.maximum(exp - 1, emin) - m).astype(jnp.float32))
+    step = _pow2(jnp.maximum(exp - 1, emin) - m)
     return jnp.clip(jnp.round(v / step) * step, -vmax, vmax)
 
 
-def _pow2_ceil(s):
-    """Smallest power of two >= s > 0, exactly (via frexp, not log2)."""
+def _pow2(n):
+    """2^n exactly for integer n (XLA's exp2 is off in the last bits)."""
+    return jnp.ldexp(jnp.float32(1.0), jnp.asarray(n, jnp.int32))
+
+
+def _ceil_log2(s):
+    """ceil(log2 s) for s > 0, exactly (via frexp, not log2)."""
     mant, exp = jnp.frexp(s)
-    return (exp - (mant == 0.5)).astype(jnp.float32)
+    return exp - (mant == 0.5)
 
 
 def _scales(amax, fmt: NumberFormat, tensor_amax):
@@ -183,10 +188,10 @@ def _scales(amax, fmt: NumberFormat, tensor_amax):
     s = amax / fmt.qmax
     if fmt.scale == "ue8m0":
         if fmt.scale_rule == "ceil":
-            log2 = _pow2_ceil(s)
+            log2 = _ceil_log2(s)
         else:
-            log2 = (jnp.frexp(amax)[1] - 1 - fmt.emax).astype(jnp.float32)
-        s = jnp.exp2(jnp.clip(log2, -127.0, 127.0))
+            log2 = jnp.frexp(amax)[1] - 1 - fmt.emax
+        s = _pow2(jnp.clip(log2, -126, 127))           # 2^-127 is an fp32 subnormal, flushed on CPU
     elif fmt.scale == "e4m3":
         s_tensor = jnp.where(tensor_amax > 0, tensor_amax / (448.0 * fmt.qmax), 1.0)
         s_block = round_to_element(s / s_tensor, "e4m3")

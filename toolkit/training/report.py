@@ -20,6 +20,8 @@ def render_report(s: dict, *, with_plots: bool = False) -> str:
              f"| validation loss (nats/token, all domains) | {_fmt(s['final_val_loss'])} |",
              f"| tokens/s (after compile) | {s['tokens_per_s']:,.0f} |",
              f"| compile seconds | {_fmt(s['compile_seconds'], 1)} |", "",
+             "Matmul precision: " + (", ".join(f"{c} {m}" for c, m in s.get("precision_mode", {}).items()
+                                               if m != "full precision") or "full precision") + ".", "",
              "## Validation bits per byte", "",
              "| domain | model | unigram baseline |", "|---|---|---|"]
     for dom, bpb in s["val_bits_per_byte"].items():

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 
 from toolkit.analysis import (
@@ -41,6 +42,7 @@ from toolkit.analysis import (
 from toolkit.config import Config, ConfigError, from_dict, validate
 from toolkit.data import Batches, load_corpus, unigram_bits_per_byte
 from toolkit.models.transformer import moe_layer_indices
+from toolkit.precision import describe_mode
 from toolkit.sharding.mesh import MESH_AXES, batch_sharding, make_mesh, rules_for
 from toolkit.training.checkpoint import Checkpointer
 from toolkit.training.report import render_report
@@ -204,6 +206,10 @@ class Trainer:
             self._log(rec)
         return rec
 
+    def model(self):
+        """The current model (a `Transformer` over the trained parameters)."""
+        return nnx.merge(self.graphdef, self.state)[0]
+
     def evaluate(self) -> dict:
         """Validation loss and bits per byte per domain, and expert counts per domain."""
         sums = None
@@ -300,6 +306,7 @@ class Trainer:
              "unigram_bits_per_byte": unigram_bits_per_byte(self.corpus),
              "tokens_per_s": float(np.mean([h["tokens_per_s"] for h in timed])) if timed else 0.0,
              "compile_seconds": self.compile_seconds, "domains": list(self.corpus.domains),
+             "precision_mode": describe_mode(cfg.precision),
              "moe_layers": self.moe_layers}
         if self.moe_layers and hist:
             tail = hist[-max(10, len(hist) // 10):]
