@@ -33,6 +33,11 @@ DEVICES = 8
 EXTRA_OVERRIDES = ["model.num_layers=2", "train.batch_size=8", "model.seq_len=32",
                    "data.max_code_bytes=300000", "train.eval_batches=1"]
 ''',
+    "03_precision_explorer": '''\
+STEPS = 3
+EXTRA_OVERRIDES = ["model.num_layers=1", "train.batch_size=4", "model.seq_len=32",
+                   "data.max_code_bytes=300000", "train.eval_batches=1"]
+''',
     "04_parallelism": '''\
 DEVICES = 8
 EXTRA_OVERRIDES = ["model.num_layers=1", "model.d_model=32", "model.head_dim=8", "model.d_ff=64",
@@ -75,6 +80,11 @@ def executed_01():
 @pytest.fixture(scope="module")
 def executed_02():
     return _execute("02_routing_explorer")
+
+
+@pytest.fixture(scope="module")
+def executed_03():
+    return _execute("03_precision_explorer")
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +132,22 @@ def test_02_routing_explorer_runs(executed_02):
     text = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
                    for out in cell.outputs)
     assert "8 cpu devices" in text and "the config is valid" in text and "moe.top_p = 0.5" in text
+
+
+def test_03_precision_explorer_runs(executed_03):
+    nb = executed_03
+    errors = _errors(nb)
+    assert not errors, errors
+    assert _outputs(nb, "application/vnd.jupyter.widget-view+json"), "the widget was not displayed"
+    text = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
+                   for out in cell.outputs)
+    for line in ("mxint8 .* INT wins", "mxint6 .* FP wins", "mxint4 .* FP wins", "nvint4 .* INT wins",
+                 r"trained 3 steps", r"format nvint4", r"target 18.0 dB: INT8 blocks \d"):
+        assert re.search(line, text), (line, text)
+    html = "\n".join(_outputs(nb, "text/html"))
+    assert "QSNR per tensor class" in html and "acts" in html and "weights" in html
+    assert "W+A nvint4, rotation 16" in html and "full precision" in html
+    assert _outputs(nb, "image/png"), "the histogram was not drawn"
 
 
 def test_04_parallelism_runs(executed_04):

@@ -269,16 +269,18 @@ def validate(cfg: Config, num_devices: int | None = None, domain_tokens: dict | 
 
 def _precision_errors(cfg: Config) -> list:
     from toolkit.precision.fake_quant import CLASSES, MODES
-    from toolkit.precision.formats import FORMATS
+    from toolkit.precision.formats import get_format
 
     pc, errors = cfg.precision, []
     keys = [f"{c}_{r}" for c in CLASSES for r in ("weights", "acts", "grads")] + ["kv_cache"]
     for key in keys:
         name = getattr(pc, key)
-        if name and name not in FORMATS:
-            errors.append(f"precision.{key}={name!r} is not a number format; use '' (full "
-                          f"precision) or one of {', '.join(FORMATS)}")
-        elif name and FORMATS[name].scaling == "block2d" and not key.endswith("_weights"):
+        try:
+            fmt = get_format(name) if name else None
+        except ValueError as e:
+            errors.append(f"precision.{key}={name!r}: {e}; or '' for full precision")
+            continue
+        if fmt is not None and fmt.scaling == "block2d" and not key.endswith("_weights"):
             errors.append(f"precision.{key}={name!r} tiles two axes, which only weights have; "
                           f"use a 1x128 tile format such as 'fp8_e4m3_1x128'")
     if pc.mode not in MODES:

@@ -152,12 +152,27 @@ MX_NV = ("mxfp8", "mxint8", "mxfp6", "mxint6", "mxfp4", "mxint4", "nvfp4", "nvin
 
 
 def get_format(fmt) -> NumberFormat:
-    """A `NumberFormat` from itself or its short name (a key of `FORMATS`)."""
+    """A `NumberFormat` from itself, its short name (a key of `FORMATS`), or a name with
+    changes such as "mxint4,block=16" or "mxfp4,scale_rule=floor" or "int8,symmetric=false"
+    (the spec string becomes the format's name, so configs can hold it)."""
     if isinstance(fmt, NumberFormat):
         return fmt
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown number format {fmt!r}; known formats: {', '.join(FORMATS)}")
-    return FORMATS[fmt]
+    base, *changes = str(fmt).split(",")
+    if base not in FORMATS:
+        raise ValueError(f"unknown number format {base!r}; known formats: {', '.join(FORMATS)}")
+    kw = {}
+    for change in changes:
+        key, _, value = change.partition("=")
+        if key == "block" and value.isdigit():
+            kw[key] = int(value)
+        elif key == "scale_rule" and value in SCALE_RULES:
+            kw[key] = value
+        elif key == "symmetric" and value in ("true", "false"):
+            kw[key] = value == "true"
+        else:
+            raise ValueError(f"format change {change!r} in {fmt!r} is not understood; use block=<int>, "
+                             f"scale_rule=ceil|floor or symmetric=true|false")
+    return FORMATS[base].replace(name=str(fmt), **kw) if kw else FORMATS[base]
 
 
 def round_to_element(v, element: str, *, symmetric: bool = True):
@@ -199,7 +214,7 @@ def _scales(amax, fmt: NumberFormat, tensor_amax):
     return jnp.where(amax > 0, s, 1.0)
 
 
-def _grouped(x, fmt: NumberFormat, axis: int):
+def grouped(x, fmt: NumberFormat, axis: int):
     """x with `axis` last, padded and reshaped so each scale group is reducible over
     `red` axes; returns (view, red axes, undo)."""
     x = jnp.moveaxis(x, axis, -1)
@@ -256,7 +271,7 @@ def quantize(x, fmt, axis: int = -1) -> Quantized:
     fmt = get_format(fmt)
     x32 = jnp.asarray(x, jnp.float32)
     axis = axis % max(x32.ndim, 1)
-    v, red, _ = _grouped(x32, fmt, axis)
+    v, red, _ = grouped(x32, fmt, axis)
     if fmt.scaling == "none":
         scales = jnp.ones((), jnp.float32)
     else:
@@ -268,7 +283,7 @@ def quantize(x, fmt, axis: int = -1) -> Quantized:
 
 def dequantize(q: Quantized):
     """float32 values `scale * element` in the original layout."""
-    _, _, undo = _grouped(jnp.zeros(q.shape, jnp.float32), q.fmt, q.axis)
+    _, _, undo = grouped(jnp.zeros(q.shape, jnp.float32), q.fmt, q.axis)
     return undo(q.values * q.scales)
 
 

@@ -8,6 +8,7 @@
 
 from toolkit.viz.pipeline import schedule_gantt
 from toolkit.viz.plots import domain_preference_heatmap, expert_load_heatmap, loss_curves, save
+from toolkit.viz.precision import quantization_histogram
 from toolkit.viz.routing import (
     affinity_heatmap,
     byte_glyphs,
@@ -20,4 +21,5 @@ from toolkit.viz.routing import (
 
 __all__ = ["affinity_heatmap", "byte_glyphs", "colored_text_html", "domain_preference_heatmap",
            "expert_colors", "expert_load_heatmap", "experts_per_token_bars",
-           "load_over_steps_heatmap", "loss_curves", "routing_series", "save", "schedule_gantt"]
+           "load_over_steps_heatmap", "loss_curves", "quantization_histogram", "routing_series",
+           "save", "schedule_gantt"]

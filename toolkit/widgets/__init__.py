@@ -10,14 +10,20 @@
 
     ex = ParallelismExplorer("tiny", expert=2, recipe="ep")  # a mesh and a recipe, as state
     display(ParallelismExplorerView(ex).widget)
+
+    px = PrecisionExplorer.from_preset("tiny", format="nvint4")  # a format over a model's tensors
+    px.train(50); display(PrecisionExplorerView(px).widget)
 """
 
 from toolkit.widgets.live_plots import LivePlots, figure_png, status_line
 from toolkit.widgets.parallelism import CHOICES, Choice, ParallelismExplorer, recipes_table
 from toolkit.widgets.parallelism_view import VIEWS, ParallelismExplorerView
+from toolkit.widgets.precision import PrecisionExplorer, element_grid
+from toolkit.widgets.precision_view import PANELS, PrecisionExplorerView
 from toolkit.widgets.routing_explorer import KNOBS, Knob, RoutingExplorer, expert_names, top_expert
 from toolkit.widgets.routing_explorer_view import FIGURES, RoutingExplorerView
 
-__all__ = ["CHOICES", "FIGURES", "KNOBS", "VIEWS", "Choice", "Knob", "LivePlots", "ParallelismExplorer",
+__all__ = ["CHOICES", "FIGURES", "KNOBS", "PANELS", "VIEWS", "PrecisionExplorer", "PrecisionExplorerView",
+           "element_grid", "Choice", "Knob", "LivePlots", "ParallelismExplorer",
            "ParallelismExplorerView", "RoutingExplorer", "RoutingExplorerView", "expert_names", "figure_png",
            "recipes_table", "status_line", "top_expert"]
