@@ -16,6 +16,7 @@ them as its matmul would:
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -84,19 +85,24 @@ def model_tensors(model, tokens_bt) -> dict:
     return {"weights": weight_tensors(model), "acts": activation_tensors(model, tokens_bt)}
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _sums(x, fmt, rotation: int):
+    """(|x|^2, |x - x_q|^2) after an optional rotation, compiled once per shape and format."""
+    if rotation:
+        x = rotate(x, rotation, axis=-1)
+    e = x - quantize_dequantize(x, fmt, -1)
+    return jnp.sum(x * x), jnp.sum(e * e)
+
+
 def _qsnr_of(arrays, fmt, rotation: int) -> tuple:
     sig = err = 0.0
     crests = []
     g = fmt.block if fmt.scaling == "block" else 32
     for x in arrays:
-        x = jnp.asarray(x)
-        if rotation:
-            x = rotate(x, rotation, axis=-1)
-        e = x - quantize_dequantize(x, fmt, -1)
-        sig += float(jnp.sum(x * x))
-        err += float(jnp.sum(e * e))
+        s, e = _sums(jnp.asarray(x), fmt, rotation)
+        sig, err = sig + float(s), err + float(e)
         if x.shape[-1] % g == 0:
-            crests.append(crest_factor(x, g))
+            crests.append(crest_factor(rotate(x, rotation) if rotation else x, g))
     return 10 * np.log10(sig / max(err, 1e-30)), float(np.mean(crests)) if crests else float("nan")
 
 
