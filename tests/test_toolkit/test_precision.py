@@ -1,6 +1,7 @@
 """Number formats, rotation, fake-quant training, FMPQ and the precision analysis."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ from toolkit.precision import (
     fake_quant,
     get_format,
     native_dot,
+    native_supported,
     qsnr,
     qsnr_theory,
     quantize,
@@ -175,6 +177,31 @@ def test_native_fp8_dot_equals_fake_quant_matmul():
         np.testing.assert_allclose(native_dot(x, w, fa, fw), want, rtol=1e-5, atol=1e-4)
     dx, dw = jax.grad(lambda x, w: jnp.sum(native_dot(x, w, fa, fw)), argnums=(0, 1))(x, w)
     assert dx.shape == x.shape and dw.shape == w.shape and bool(jnp.all(jnp.isfinite(dw)))
+    hlo = jax.jit(native_dot, static_argnums=(2, 3)).lower(x, w, fa, fw).as_text()
+    assert re.search(r"dot_general[^\n]*xf8E4M3FN>[^\n]*xf8E5M2>", hlo), "the dot takes fp8 operands"
+
+
+@pytest.mark.gpu
+def test_native_fp8_dot_runs_on_gpu_fp8_units():
+    """On an FP8-capable GPU (H100/H200), mode="auto" picks the real fp8 dot, and the model's
+    logits match fake-quant to float32 accumulation order."""
+    assert native_supported(), f"{jax.devices()[0].device_kind} reports no FP8 matmul units"
+    fp8 = apply_overrides(tiny(), ["precision=fp8"]).precision
+    assert describe_mode(fp8)["attention"] == "native fp8 dot"
+    x = jax.random.normal(jax.random.key(0), (512, 1024))
+    w = jax.random.normal(jax.random.key(1), (1024, 768))
+    fa, fw = get_format("fp8_e4m3_1x128"), get_format("fp8_e4m3_128x128")
+    want = quantize_dequantize(x, fa) @ quantize_dequantize(w, fw, 0)
+    np.testing.assert_allclose(jax.jit(native_dot, static_argnums=(2, 3))(x, w, fa, fw), want,
+                               rtol=1e-3, atol=1e-2)
+    cfg, model = _small()
+    tokens = jax.random.randint(jax.random.key(0), (2, 32), 0, 256)
+    out = {}
+    for mode in ("auto", "fake"):
+        model.cfg = dataclasses.replace(cfg, precision=dataclasses.replace(fp8, mode=mode))
+        graphdef, state = nnx.split(model)
+        out[mode] = jax.jit(lambda s, g=graphdef: nnx.merge(g, s)(tokens)[0])(state)
+    np.testing.assert_allclose(out["auto"], out["fake"], rtol=1e-3, atol=1e-3)
 
 
 def test_precision_config_recipes_and_errors():
@@ -256,3 +283,41 @@ def test_analysis_reports_every_class_and_policy():
     losses = policy_losses(model, batches, {"mxint4, kv int4": inference_policy("mxint4", kv_cache="int4")})
     assert set(losses) == {"full precision", "mxint4, kv int4"}
     assert abs(losses["mxint4, kv int4"] - losses["full precision"]) > 1e-5
+
+
+@pytest.fixture(scope="module")
+def mxint8_single():
+    """The micro model under MXINT8 (LM head included) on one device: (cfg, loss, grads)."""
+    from conftest import micro
+
+    from toolkit.training.inspect import loss_and_grads
+    pc = dataclasses.replace(apply_overrides(tiny(), ["precision=mxint8"]).precision,
+                             head_weights="mxint8", head_acts="mxint8", head_grads="mxint8")
+    base = micro(moe={"num_experts": 8}, model={"num_layers": 2})
+    cfg = dataclasses.replace(base, precision=pc)
+    loss, grads, _ = loss_and_grads(cfg, jax.devices()[:1])
+    grads = jax.tree.map(np.asarray, grads)
+    loss_fp, _, _ = loss_and_grads(base, jax.devices()[:1])
+    assert abs(float(loss) - float(loss_fp)) > 1e-5          # the policy is in force
+    return cfg, loss, grads
+
+
+@pytest.mark.parametrize("parallel", [{"fsdp": 2, "expert": 4, "recipe": "fsdp_ep"},
+                                      {"pipeline": 2, "data": 2, "fsdp": 2, "recipe": "fsdp"}])
+def test_fake_quant_training_is_mesh_independent(mxint8_single, parallel):
+    """Weights are quantized whole and activations along K, which no device splits here: the
+    mesh gives the one-device loss and gradients. The pipeline's head quantizes its output
+    gradient in tiles of each device's vocabulary slice, so there the gradients are close."""
+    from toolkit.training.inspect import loss_and_grads
+    cfg, loss_1, grads_1 = mxint8_single
+    loss_n, grads_n, _ = loss_and_grads(dataclasses.replace(cfg, parallel=dataclasses.replace(
+        cfg.parallel, **parallel)), jax.devices())
+    assert float(loss_n) == pytest.approx(float(loss_1), rel=1e-6, abs=1e-6)
+    piped = parallel.get("pipeline", 1) > 1
+    if piped:
+        from toolkit.models.transformer import stacked_blocks_state
+        grads_1 = stacked_blocks_state(grads_1, 1, 2)
+    grads_n = jax.tree.map(np.asarray, grads_n)
+    diffs = [float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
+             for a, b in zip(jax.tree.leaves(grads_n), jax.tree.leaves(grads_1), strict=True)]
+    assert max(diffs) < (0.02 if piped else 1e-5), diffs

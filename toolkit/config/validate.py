@@ -290,6 +290,10 @@ def _precision_errors(cfg: Config) -> list:
               "model.d_ff": cfg.model.d_ff}
     if cfg.moe.num_experts:
         widths["expert width"] = cfg.moe.expert_width(cfg.model.d_ff)
+    t = max(cfg.parallel.tensor, 1)          # hidden widths are rotated per tensor-parallel slice
+    if t > 1:
+        widths.update({f"{k} / parallel.tensor": w // t for k, w in list(widths.items())
+                       if k in ("model.d_ff", "expert width")})
     if g < 0 or (g and (g & (g - 1) or any(w % g for w in widths.values()))):
         fits = [b for b in (8, 16, 32, 64, 128) if all(w % b == 0 for w in widths.values())]
         errors.append(f"precision.rotation={g} must be 0 or a power of two dividing {widths}; "
