@@ -109,7 +109,7 @@ def quantize_weight(w, cls: str, axis: int = 0):
 
     Called where the layer materialises the whole weight, so scale groups never depend on
     how the mesh splits it. In native mode the FP8 classes are quantized in `linear`."""
-    fw, fa, _ = formats_of(cls)
+    fw = formats_of(cls)[0]
     g = _rotation(cls)
     if g:
         w = rotate(w, g, axis=axis)
