@@ -24,6 +24,9 @@ logits through the shared output projection predict token t+j+1:
 
     logits_btv, aux, mtp_logits_jbtv = model(tokens_bt, mtp_tokens_bt=targets_bt)
 
+Every matmul runs under `cfg.precision` (`toolkit.precision.use_precision`): number
+formats per matmul class for weights, activations and gradients, full precision by default.
+
 With `parallel.pipeline = p > 1` the blocks are stacked instead of listed: `model.stages`
 is one `Stage` (L/(p v) consecutive blocks) whose every variable has two leading axes
 `[v, p, ...]` (chunk `r*p + s` at `[r, s]`; logical names `(None, "layers", ...)`, so the

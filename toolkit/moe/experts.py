@@ -10,7 +10,9 @@ dispatch group, either ragged (`[G, R, d]` with `group_sizes [G, E]`) or padded
 with `act` silu (SwiGLU) or relu (ReGLU, SmallThinker). ReGLU makes many entries of `h`
 exactly zero, and an inference engine can skip the matching rows of W_down; the experts
 report that share. Experts of two widths (big and small) are two grouped matmuls, each over
-its own range of expert ids.
+its own range of expert ids. Under a precision policy (`toolkit.precision`) the "experts"
+formats apply to the weights (per expert, along K), the rows entering each grouped matmul
+and the gradients leaving it.
 
 Experts hold the weights and compute on local arrays; where they run on a mesh (dispatch
 groups split over devices, experts split over the expert-parallel group, each expert's
