@@ -129,6 +129,12 @@ def test_floor_scale_rule_clips_where_round_up_does_not():
     assert float(quantize_dequantize(x, get_format("mxfp4"))[0, 0]) == 2.0
 
 
+def test_bits_per_value_count_block_scales():
+    assert get_format("mxfp4").bits_per_value == 4.25 and get_format("nvfp4").bits_per_value == 4.5
+    assert get_format("mxint8").bits_per_value == 8.25 and get_format("mxfp6").bits == 6
+    assert get_format("fp8_e4m3_128x128").bits_per_value == 8 + 32 / 128 ** 2
+
+
 def test_unknown_names_and_bad_formats_say_what_works():
     with pytest.raises(ValueError, match="mxint8"):
         get_format("mxint9")

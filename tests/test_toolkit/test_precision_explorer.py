@@ -47,4 +47,4 @@ def test_histogram_is_in_element_units_and_tables_cover_every_class():
     view = PrecisionExplorerView(ex)
     assert view.plot.value[:4] == b"\x89PNG" and "QSNR per tensor class" in view.table.value
     view.knobs["format"].value = "mxfp8"
-    assert ex.format == "mxfp8" and "mxfp8" in view.message.value
+    assert ex.format == "mxfp8" and "mxfp8" in view.message.value and "8.25 bits" in view.message.value

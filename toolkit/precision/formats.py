@@ -111,18 +111,14 @@ class NumberFormat:
         return ELEMENTS[self.element][3]
 
     @property
-    def qmin(self) -> float:
-        """Most negative element: -qmax, or -2^(b-1) for asymmetric integers."""
-        return -self.qmax - (0.0 if self.symmetric or not self.is_int else 1.0)
-
-    @property
     def emax(self) -> int:
         """Exponent of the largest element (the OCP MX floor rule subtracts it)."""
         return math.floor(math.log2(self.qmax))
 
     @property
     def bits_per_value(self) -> float:
-        """Storage bits per value including its share of a block scale."""
+        """Storage bits per value including its share of a block scale (4.25 for MXFP4,
+        4.5 for NVFP4; per-tensor and per-channel scales are not counted)."""
         per_scale = {"fp32": 32, "ue8m0": 8, "e4m3": 8}[self.scale]
         return self.bits + (per_scale / self.block if self.scaling == "block" else 0.0) + (
             per_scale / self.block ** 2 if self.scaling == "block2d" else 0.0)

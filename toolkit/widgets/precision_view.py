@@ -83,7 +83,8 @@ class PrecisionExplorerView:
 
     def refresh(self):
         self.message.value = (f"<span style='color:#b00'>{html.escape(self.ex.error)}</span>"
-                              if self.ex.error else f"format <code>{html.escape(self.ex.spec())}</code>")
+                              if self.ex.error else f"format <code>{html.escape(self.ex.spec())}</code>: "
+                              f"{self.ex.number_format().bits_per_value:.2f} bits per value")
         if not self.ex.tensors:
             return
         self.plot.value = self.render("histogram").data
