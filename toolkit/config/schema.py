@@ -360,9 +360,10 @@ class PrecisionConfig:
         "" for none; applied wherever attention runs under this config (meant for eval).
       rotation: random Hadamard rotation block applied to both operands of every quantized
         matmul along the contraction axis before quantizing (0: none; 16, 32, ...).
-      mode: "fake" (quantize-dequantize in float32, any backend), "native" (FP8 operands
-        through a real fp8 dot with `preferred_element_type=float32` where both operands are
-        FP8), or "auto" (native on GPUs with FP8 units, fake elsewhere).
+      mode: "fake" (quantize-dequantize in float32, any backend), "native" (a real fp8 dot
+        with float32 accumulation for every class whose weights and activations are both FP8,
+        except the experts, whose grouped matmul takes float operands), or "auto" (native
+        on GPUs with FP8 units, fake elsewhere).
     """
 
     attention_weights: str = ""
