@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from toolkit.analysis.precision import inference_policy, model_tensors, policy_losses, qsnr_table
-from toolkit.config import Config, apply_overrides, preset
+from toolkit.config import Config, ConfigError, apply_overrides, preset, validate
 from toolkit.precision import FORMATS, get_format, quantize, rotate
 from toolkit.precision.formats import ELEMENTS, grouped, round_to_element
 from toolkit.training import Trainer
@@ -74,7 +74,7 @@ class PrecisionExplorer:
 
     def set(self, **knobs) -> bool:
         """Change knobs; on a bad value keep the old ones and explain in `error`."""
-        trial = dataclasses.replace(self, **{k: v for k, v in knobs.items()})
+        trial = dataclasses.replace(self, **knobs)
         problem = trial._problem()
         if problem:
             self.error = problem
@@ -91,13 +91,14 @@ class PrecisionExplorer:
             return f"scale_rule={self.scale_rule!r} is unknown; use one of {SCALE_RULES}"
         if self.rotation not in ROTATIONS:
             return f"rotation={self.rotation} is not offered; use one of {ROTATIONS}"
-        widths = (self.cfg.model.d_model, self.cfg.model.head_dim)
-        if self.rotation and any(w % self.rotation for w in widths):
-            return (f"rotation={self.rotation} does not divide model.d_model/head_dim {widths}; "
-                    f"use one of {[r for r in ROTATIONS if all(w % r == 0 for w in widths if r)]}")
         if self.block < 0 or (self.block and FORMATS[self.format].scaling not in ("block", "block2d")):
             return (f"block={self.block} applies to block formats only ({self.format!r} scales per "
                     f"{FORMATS[self.format].scaling}); use 0")
+        try:                     # the policy `loss_impact` runs must fit the model's widths
+            validate(dataclasses.replace(self.cfg, precision=inference_policy(
+                self.spec(), rotation=self.rotation)))
+        except ConfigError as e:
+            return str(e).replace("invalid config:\n  ", "")
         return ""
 
     def spec(self) -> str:
