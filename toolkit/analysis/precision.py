@@ -127,8 +127,8 @@ def qsnr_table(tensors: dict, formats, rotations=(0,)) -> list:
 def inference_policy(fmt: str, classes=("attention", "mlp", "experts"), *, kv_cache: str = "",
                      rotation: int = 0) -> PrecisionConfig:
     """Weights and activations of `classes` in `fmt` (direct cast), gradients untouched."""
-    kw = {f"{c}_{r}": fmt for c in classes for r in ("weights", "acts")}
-    return PrecisionConfig(**kw, kv_cache=kv_cache, rotation=rotation, mode="fake")
+    return PrecisionConfig.on(classes, weights=fmt, acts=fmt, kv_cache=kv_cache, rotation=rotation,
+                              mode="fake")
 
 
 def policy_losses(model, batches, policies: dict) -> dict:

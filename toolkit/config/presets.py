@@ -105,9 +105,8 @@ def dense_twin(cfg: Config) -> Config:
 def _linear_layers(weights: str, acts: str, grads: str) -> PrecisionConfig:
     """One format set on the attention, dense MLP and expert matmuls; router and LM head
     stay in full precision (as DeepSeek-V3 and Ling 2.0 keep them)."""
-    kw = {f"{cls}_{role}": fmt for cls in ("attention", "mlp", "experts")
-          for role, fmt in (("weights", weights), ("acts", acts), ("grads", grads))}
-    return PrecisionConfig(**kw)
+    return PrecisionConfig.on(("attention", "mlp", "experts"), weights=weights, acts=acts,
+                              grads=grads)
 
 
 # Whole precision policies, set with the override `precision=<name>`.

@@ -338,7 +338,7 @@ class PrecisionConfig:
     gradient (the cotangent, quantized once and used for both the input and the weight
     gradient). A format is a name from `toolkit.precision.FORMATS` ("fp8_e4m3_1x128",
     "mxint8", "nvfp4", "int4", ...) or "" for full precision. Whole recipes:
-    `toolkit.precision.RECIPES` ("fp8", "mxfp8", "mxint8"), set with `precision=fp8`.
+    `toolkit.config.RECIPES` ("fp8", "mxfp8", "mxint8"), set with `precision=fp8`.
 
     Attributes:
       attention_weights: q, k, v and output projection weights.
@@ -384,6 +384,13 @@ class PrecisionConfig:
     kv_cache: str = ""
     rotation: int = 0
     mode: str = "auto"
+
+    @classmethod
+    def on(cls, classes, *, weights: str = "", acts: str = "", grads: str = "", **rest):
+        """One format set on each matmul class in `classes`, the rest full precision;
+        `rest` sets kv_cache, rotation or mode."""
+        roles = {"weights": weights, "acts": acts, "grads": grads}
+        return cls(**{f"{c}_{r}": f for c in classes for r, f in roles.items()}, **rest)
 
 
 @dataclass(frozen=True, kw_only=True)
