@@ -176,11 +176,15 @@ class Transformer(nnx.Module):
             rngs, (m.d_model, m.vocab_size), ("embed", "vocab"))
         self.mtp = nnx.List([MTPModule(cfg, rngs=rngs) for _ in range(m.mtp_layers)])
 
+    def head_weight(self):
+        """The output projection `[d, V]`: the unembedding, or the tied embedding table."""
+        return self.embed.table[...].T if self.unembed is None else self.unembed[...]
+
     def logits(self, x_btd):
         """The shared output head: final norm, then unembedding, in float32."""
         x_btd = self.final_norm(x_btd)
-        w_dv = self.embed.table[...].T if self.unembed is None else self.unembed[...]
-        logits_btv = linear(x_btd, quantize_weight(w_dv.astype(x_btd.dtype), "head"), "head")
+        w_dv = quantize_weight(self.head_weight().astype(x_btd.dtype), "head")
+        logits_btv = linear(x_btd, w_dv, "head")
         return logits_btv.astype(jnp.float32)
 
     def __call__(self, tokens_bt, mtp_tokens_bt=None):

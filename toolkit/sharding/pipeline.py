@@ -319,7 +319,7 @@ def pipeline_value_and_grad(model, batch, cfg, aux_loss_of):
     def full(params):
         mdl = nnx.merge(graphdef, params, rest)
         x_m = split_microbatches(mdl.embed(batch["tokens"], dtype), m)
-        w_dv = mdl.embed.table[...].T if mdl.unembed is None else mdl.unembed[...]
+        w_dv = mdl.head_weight()
         # The executor splits the vocabulary over `pipeline` only (XLA's partitioner rejects
         # a dimension split over a manual and an automatic axis at once).
         w_dv = jax.lax.with_sharding_constraint(quantize_weight(w_dv, "head"), P(None, AXIS))
