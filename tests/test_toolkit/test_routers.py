@@ -227,3 +227,23 @@ def test_router_jitter_only_in_training():
     assert float(jnp.max(jnp.abs(a - clean))) <= float(jnp.max(jnp.abs(lo)))
     router.eval()
     np.testing.assert_allclose(router(x_td).logits, clean, rtol=1e-6)
+
+
+def test_top_k_under_a_mesh_keeps_tokens_split():
+    # XLA's SPMD top_k gathers a token-split operand; sharded_top_k sorts instead
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from toolkit.moe.router import sharded_top_k
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    x = jax.random.normal(jax.random.key(0), (64, 8)).at[0, 5].set(9.0).at[0, 2].set(9.0)
+    x = jax.device_put(x, NamedSharding(mesh, P("data", None)))
+    with jax.set_mesh(mesh):
+        fn = jax.jit(lambda x: sharded_top_k(x, 2))
+        hlo = fn.lower(x).compile().as_text()
+        values, ids = fn(x)
+    assert "all-gather" not in hlo
+    ref_values, ref_ids = jax.lax.top_k(x, 2)
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ref_ids))        # ties: lower index
+    np.testing.assert_array_equal(np.asarray(values), np.asarray(ref_values))
+    assert list(np.asarray(ids[0])) == [2, 5]

@@ -153,10 +153,22 @@ class TopKRouter(Router):
         return top_k_routing(logits_te, self.top_k, self.renormalize)
 
 
+def sharded_top_k(x, k: int):
+    """`jax.lax.top_k` over the last axis (ties to the lower index). Under a device mesh it
+    is a stable sort instead: XLA's SPMD partitioner all-gathers a `top_k` operand whose
+    token axis is split, so every device would receive every token's scores."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return jax.lax.top_k(x, k)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    neg, ids = jax.lax.sort((-x, iota), dimension=x.ndim - 1, is_stable=True, num_keys=1)
+    return -neg[..., :k], ids[..., :k]
+
+
 def top_k_routing(logits_te, top_k: int, renormalize: bool, state=None) -> Routing:
     """Softmax, top-k, optional renormalisation: the record of a plain top-k router."""
     probs_te = jax.nn.softmax(logits_te, axis=-1)
-    weights_tk, ids_tk = jax.lax.top_k(probs_te, top_k)
+    weights_tk, ids_tk = sharded_top_k(probs_te, top_k)
     if renormalize:
         weights_tk = weights_tk / jnp.sum(weights_tk, axis=-1, keepdims=True)
     return Routing(weights=weights_tk, expert_ids=ids_tk.astype(jnp.int32),
@@ -169,8 +181,8 @@ def _group_limited(scores_te, num_groups, topk_groups):
     a group scores the sum of its two best experts (DeepSeek-V3's node-limited routing)."""
     t, e = scores_te.shape
     groups_tgs = scores_te.reshape(t, num_groups, e // num_groups)
-    group_score_tg = jnp.sum(jax.lax.top_k(groups_tgs, min(2, e // num_groups))[0], axis=-1)
-    _, best_tk = jax.lax.top_k(group_score_tg, topk_groups)
+    group_score_tg = jnp.sum(sharded_top_k(groups_tgs, min(2, e // num_groups))[0], axis=-1)
+    _, best_tk = sharded_top_k(group_score_tg, topk_groups)
     keep_tg = jnp.sum(jax.nn.one_hot(best_tk, num_groups, dtype=bool), axis=1)
     return jnp.where(keep_tg[:, :, None], groups_tgs, -jnp.inf).reshape(t, e)
 
@@ -197,7 +209,7 @@ class SigmoidBiasRouter(Router):
         select_te = scores_te + jax.lax.stop_gradient(self.bias[...])
         if self.num_groups > 1:
             select_te = _group_limited(select_te, self.num_groups, self.topk_groups)
-        _, ids_tk = jax.lax.top_k(select_te, self.top_k)
+        _, ids_tk = sharded_top_k(select_te, self.top_k)
         weights_tk = jnp.take_along_axis(scores_te, ids_tk, axis=-1)
         if self.renormalize:
             weights_tk = weights_tk / jnp.sum(weights_tk, axis=-1, keepdims=True)
@@ -209,7 +221,7 @@ class SigmoidBiasRouter(Router):
 
 def _sorted_routing(probs_te, logits_te, keep_fn, slots: int, renormalize: bool) -> Routing:
     """Experts by descending probability, `slots` of them, valid where `keep_fn` says."""
-    weights_tk, ids_tk = jax.lax.top_k(probs_te, slots)
+    weights_tk, ids_tk = sharded_top_k(probs_te, slots)
     valid_tk = keep_fn(weights_tk)
     weights_tk = jnp.where(valid_tk, weights_tk, 0.0)
     if renormalize:
