@@ -58,6 +58,12 @@ def gated_experts(xs, group_sizes, weights, *, kinds, activation, impl=None, ten
     Returns the output and, per group, the number of hidden activations that are exactly
     zero and of all computed ones.
     """
+    with jax.named_scope("routed_experts"):     # cost checks find the expert FLOPs by this name
+        return _gated_experts(xs, group_sizes, weights, kinds, activation, impl, tensor_axis,
+                              group_offset)
+
+
+def _gated_experts(xs, group_sizes, weights, kinds, activation, impl, tensor_axis, group_offset):
     act_fn = _ACTIVATIONS[activation]
     y, zeros_g, total_g = 0.0, 0.0, 0.0
     for (offset, count), (w_gate, w_up, w_down) in zip(kinds, weights, strict=True):
