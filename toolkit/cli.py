@@ -1,9 +1,11 @@
-"""Command line: `python -m toolkit {train, inspect, config, launch}`.
+"""Command line: `python -m toolkit {train, inspect, plan, config, launch}`.
 
     python -m toolkit train --preset tiny --mesh data=2,fsdp=4 --out runs/tiny
     python -m toolkit train --preset tiny --set moe.num_experts=16 --set train.steps=300
     python -m toolkit inspect --preset tiny --mesh fsdp=8   # memory and collectives per device
     python -m toolkit inspect --mesh data=2,expert=4 --recipe ep --set moe.dispatch=capacity
+    python -m toolkit inspect --preset tiny --mesh data=2,expert=4 --costs   # model vs compiled
+    python -m toolkit plan --preset mixtral_8x7b --cluster h100x64 --global-batch 4M
     python -m toolkit config --preset tiny          # every key, its value and meaning
     python -m toolkit launch --processes 2 -- train --mesh data=2,expert=4   # 2 JAX processes
     srun python -m toolkit train --distributed ...  # every process of a SLURM or TPU job
@@ -37,6 +39,10 @@ def _parser():
         if name in ("train", "inspect"):
             s.add_argument("--devices", type=int, default=8,
                            help="simulated devices when running on CPU (default: 8)")
+        if name == "inspect":
+            s.add_argument("--costs", action="store_true",
+                           help="also set the cost model's FLOPs, memory and bytes beside the "
+                                "compiled program's (toolkit.training.cost_check)")
         if name == "train":
             s.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
             s.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -45,6 +51,21 @@ def _parser():
                            help="call jax.distributed.initialize() first, which detects a "
                                 "SLURM, Open MPI or Cloud TPU job; run the same command in "
                                 "every process (launch sets this up on one machine)")
+    s = sub.add_parser("plan", help="rank parallel layouts of a preset on a cluster by estimated "
+                                    "step time (toolkit.analysis.planner)")
+    s.add_argument("--preset", default="mixtral_8x7b", help="preset name (default: mixtral_8x7b)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override of the model, e.g. model.seq_len=8192 (repeatable)")
+    s.add_argument("--cluster", default="h100x64",
+                   help="DEVICExCOUNT (h100x64, a100x32, b200x16), a TPU slice (v5p-128, v6e-256), "
+                        "cpuxN, or groups joined by '+' (h100x32+a100x32)")
+    s.add_argument("--global-batch", default=None,
+                   help="tokens per step, e.g. 4M or 512K (default: the preset's batch)")
+    s.add_argument("--fix", default=None, metavar="AXIS=N,...",
+                   help="hold mesh axes at these sizes, e.g. tensor=2,pipeline=4")
+    s.add_argument("--remat", choices=("both", "on", "off"), default="both",
+                   help="rematerialise each layer in the backward: try both (default), on or off")
+    s.add_argument("--top", type=int, default=10, help="plans to list (default: 10)")
     s = sub.add_parser("launch", help="run a command as several local JAX processes",
                        description="python -m toolkit launch --processes 2 -- train --preset "
                                    "tiny --mesh data=2,expert=4")
@@ -89,6 +110,8 @@ def main(argv=None) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    if args.command == "plan":
+        return _plan(args)
     flags = os.environ.get("XLA_FLAGS", "")
     if args.command != "config" and "xla_force_host_platform_device_count" not in flags:
         # Only the CPU backend reads this; on GPU/TPU the accelerators are the devices.
@@ -119,6 +142,11 @@ def main(argv=None) -> int:
             print(render_inspection(inspect_train_step(cfg)))
             print("\none block alone, bytes one device sends, compiled HLO vs formula:")
             print(render_communication(communication_check(cfg)))
+            if args.costs:
+                from toolkit.training.cost_check import cost_check, render_cost_check
+                print("\nthe train step per device, compiled program vs cost model "
+                      "(toolkit.analysis.costs):")
+                print(render_cost_check(cost_check(cfg)))
             return 0
         from toolkit.training import Trainer
         out = args.out or os.path.join("runs", cfg.name)
@@ -137,3 +165,31 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
+
+
+def _plan(args) -> int:
+    """`python -m toolkit plan`: no JAX devices are used, only the config's shapes."""
+    from toolkit.analysis.hardware import get_cluster
+    from toolkit.analysis.planner import explain, parse_tokens, plan
+    from toolkit.config import ConfigError, apply_overrides, preset
+    try:
+        cluster = get_cluster(args.cluster)
+        cfg = apply_overrides(preset(args.preset), list(args.set))
+        tokens = parse_tokens(args.global_batch) if args.global_batch else None
+        fixed = {}
+        for part in (args.fix or "").split(","):
+            if part:
+                if "=" not in part or not part.split("=", 1)[1].strip().isdigit():
+                    raise ValueError(f"--fix {args.fix!r}: write axis=size pairs, e.g. --fix tensor=2")
+                axis, size = part.split("=", 1)
+                fixed[axis.strip()] = int(size)
+        remat = {"both": (False, True), "on": (True,), "off": (False,)}[args.remat]
+        plans = plan(cfg, cluster, tokens, fixed=fixed, remat=remat, top=args.top)
+    except (ValueError, ConfigError) as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    batch = plans[0].cfg.train.batch_size
+    print(f"{cfg.name} on {cluster.name} ({cluster.num_devices} x {cluster.device.name}), "
+          f"{batch} sequences of {cfg.model.seq_len} tokens per step; plans that fit, fastest first:")
+    print(explain(plans, cluster))
+    return 0

@@ -157,7 +157,7 @@ def test_estimate_costs_components_and_remat():
 
 def test_clusters_from_names_and_links():
     c = get_cluster("h100x64")
-    assert c.num_devices == 64 and c.device.flops_bf16 == 989e12
+    assert c.num_devices == 64 and c.device.flops_bf16 == 989.5e12
     assert c.link_for(8).bandwidth == 450e9 and c.link_for(16).bandwidth == 50e9
     assert get_cluster("v5p-128").num_devices == 64               # v5p names count TensorCores
     assert get_cluster("v6e-256").num_devices == 256
@@ -178,3 +178,67 @@ def test_measure_cpu_is_positive_and_cached():
     cpu = measure_cpu(size=256, stream_mb=8, repeats=2)
     assert cpu.kind == "cpu" and cpu.flops_bf16 > 1e8 and cpu.hbm_bandwidth > 1e8
     assert measure_cpu(size=256, stream_mb=8, repeats=2) is cpu
+
+
+# ---- step time, planner, published runs ---------------------------------------------------
+
+def test_step_time_parts_and_links():
+    from toolkit.analysis.step_time import axis_span, estimate_step_time
+    cfg = apply_overrides(preset("mixtral_8x7b"), ["parallel.data=1", "parallel.fsdp=8", "parallel.expert=8",
+                                                   "train.batch_size=256"])
+    t = estimate_step_time(cfg, get_cluster("h100x64"))
+    assert 0 < t.mfu < 1 and t.step_s > t.breakdown["matmul"] > 0
+    assert t.tokens_per_s == pytest.approx(256 * 4096 / t.step_s)
+    sizes = t.costs.sizes
+    assert axis_span("expert", sizes) == 8 and axis_span("fsdp", sizes) == 64
+    # the expert all-to-all stays on NVLink; across nodes (expert outermost of 16) it would be slower
+    slow = estimate_step_time(cfg, get_cluster("h100x32+a100x32"))
+    assert slow.step_s > t.step_s
+
+
+def test_planner_ranks_fitting_plans_and_explains():
+    from toolkit.analysis.planner import explain, parse_tokens, plan
+    cfg = preset("qwen3_30b_a3b")
+    cluster = get_cluster("h100x16")
+    plans = plan(cfg, cluster, parse_tokens("256K"), remat=(True,), top=5)
+    assert len(plans) == 5
+    assert [p.time.step_s for p in plans] == sorted(p.time.step_s for p in plans)
+    assert all(p.memory_bytes <= 0.9 * cluster.hbm_bytes for p in plans)
+    assert all(p.cfg.parallel.axis_sizes(16)["pipeline"] * p.cfg.parallel.data * p.cfg.parallel.fsdp
+               * p.cfg.parallel.tensor * p.cfg.parallel.expert * p.cfg.parallel.sequence == 16 for p in plans)
+    text = explain(plans)
+    assert "best:" in text and "time goes to" in text
+    fixed = plan(cfg, cluster, parse_tokens("256K"), fixed={"tensor": 2}, remat=(True,), top=3)
+    assert {p.cfg.parallel.tensor for p in fixed} == {2}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(cluster="h100x2", tokens="4M"), "does not fit on h100x2"),
+    (dict(cluster="h100x64", tokens="4M", fixed={"tensor": 3}), "tensor may be one of"),
+    (dict(cluster="h100x64", tokens="2K"), "less than one sequence"),
+    (dict(cluster="h100x64", tokens="4M", fixed={"model": 2}), "unknown axis"),
+])
+def test_planner_bad_inputs(kwargs, message):
+    from toolkit.analysis.planner import parse_tokens, plan
+    with pytest.raises(ValueError, match=message):
+        plan(preset("mixtral_8x7b"), get_cluster(kwargs["cluster"]), parse_tokens(kwargs["tokens"]),
+             fixed=kwargs.get("fixed"))
+
+
+def test_published_runs_estimated_near_their_mfu():
+    from toolkit.analysis.published import compare_published
+    rows = compare_published()
+    assert len(rows) == 3
+    for r in rows:          # within a third of the published MFU: the model is coarse, not wild
+        assert abs(r["estimated_mfu"] / r["published_mfu"] - 1) < 0.33, r
+    assert rows[0]["fits"]
+
+
+def test_cli_plan(capsys):
+    from toolkit.cli import main
+    assert main(["plan", "--preset", "qwen3_30b_a3b", "--cluster", "h100x16", "--global-batch", "256K",
+                 "--remat", "on", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "plans that fit" in out and "best:" in out
+    assert main(["plan", "--cluster", "h900x8"]) == 2
+    assert "devices: h100" in capsys.readouterr().err

@@ -6,10 +6,17 @@ model's tensors fare in low-bit formats.
     flops_l = flops_per_token(cfg, summary["computed_counts"], summary["tokens_counted"])
     table = summarize_collectives(parse_collectives(compiled.as_text()))   # bytes per kind
     rows = qsnr_table(model_tensors(model, tokens_bt), ["mxint8", "nvfp4"], rotations=(0, 32))
+    costs = estimate_costs(cfg, num_devices=64)          # FLOPs, memory, bytes per device
+    t = estimate_step_time(cfg, get_cluster("h100x64"))  # seconds and MFU on a cluster
+    plans = plan(cfg, get_cluster("v5p-128"), global_batch_tokens=4 * 2**20)
 """
 
 from toolkit.analysis.collectives import Collective, parse_collectives, summarize_collectives
+from toolkit.analysis.compiled import matmul_flops, step_collectives
+from toolkit.analysis.costs import Costs, estimate_costs, forward_flops
+from toolkit.analysis.hardware import Cluster, Device, DeviceGroup, Link, get_cluster, measure_cpu
 from toolkit.analysis.params import count_params
+from toolkit.analysis.planner import Plan, explain, parse_tokens, plan
 from toolkit.analysis.precision import (
     activation_tensors,
     inference_policy,
@@ -18,6 +25,7 @@ from toolkit.analysis.precision import (
     qsnr_table,
     weight_tensors,
 )
+from toolkit.analysis.published import PUBLISHED, compare_published
 from toolkit.analysis.routing import (
     dense_moe_flops,
     domain_mutual_information,
@@ -31,8 +39,12 @@ from toolkit.analysis.routing import (
     load_fractions,
     load_imbalance,
 )
+from toolkit.analysis.step_time import StepTime, estimate_step_time
 
-__all__ = ["Collective", "activation_tensors", "count_params", "inference_policy", "model_tensors",
+__all__ = ["Cluster", "Costs", "Device", "DeviceGroup", "Link", "PUBLISHED", "Plan", "StepTime",
+           "compare_published", "estimate_costs", "estimate_step_time", "explain", "forward_flops",
+           "get_cluster", "matmul_flops", "measure_cpu", "parse_tokens", "plan", "step_collectives",
+           "Collective", "activation_tensors", "count_params", "inference_policy", "model_tensors",
            "policy_losses", "qsnr_table", "weight_tensors", "dense_moe_flops", "domain_mutual_information",
            "domain_preferences", "expert_flops", "experts_per_token_histogram", "flops_per_token",
            "inter_layer_affinity", "inter_layer_mutual_information", "load_cv", "load_fractions",

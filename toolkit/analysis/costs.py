@@ -62,7 +62,8 @@ class Costs:
         batch of `train.batch_size` x `seq_len`), total (params + optimizer + gradients +
         activations).
       communication: rows {"axis", "collective", "what", "bytes"}: bytes one device sends
-        per step on a ring, and "count": collectives per step.
+        per step on a ring, "count": collectives per step, and "beside_compute": whether a
+        framework can run it beside the compute (weight gathers, gradient reductions).
       sizes: mesh axis sizes.
     """
 
@@ -233,11 +234,12 @@ def _gradient_sync(cfg: Config, sizes: dict, remat: bool) -> list:
         rows.append(("fsdp", "reduce-scatter", "gradients", reduce_scatter, 1))
     for axes, nbytes in sorted(reduce.items()):
         n = math.prod(sizes[a] for a in axes)
-        rows.append(("x".join(axes), "all-reduce", "gradients", 2 * nbytes * (n - 1) / n, 1))
+        rows.append((",".join(axes), "all-reduce", "gradients", 2 * nbytes * (n - 1) / n, 1))
     return rows
 
 
-def activation_bytes(cfg: Config, sizes: dict, *, remat: bool, platform: str = "gpu") -> float:
+def activation_bytes(cfg: Config, sizes: dict, *, remat: bool, platform: str = "gpu",
+                     in_flight: bool = True) -> float:
     """Bytes of activations the backward keeps on one device at the peak of a step.
 
     Per token and layer, in the compute dtype: without remat, the inputs of every matmul
@@ -245,7 +247,7 @@ def activation_bytes(cfg: Config, sizes: dict, *, remat: bool, platform: str = "
     sequence, the MLP's gate, up and product, the router's logits, k dispatched rows with
     their hidden activations); with remat, each layer's input plus one layer's working set.
     Tokens are one micro-batch's share of the device; a pipeline keeps the micro-batches in
-    flight its schedule allows (all m for GPipe, p for 1F1B).
+    flight its schedule allows (all m for GPipe, p for 1F1B) unless `in_flight=False`.
     """
     m, moe, par = cfg.model, cfg.moe, cfg.parallel
     rules = _rules(cfg)
@@ -254,7 +256,10 @@ def activation_bytes(cfg: Config, sizes: dict, *, remat: bool, platform: str = "
     tokens = cfg.train.batch_size * m.seq_len / cfg.train.microbatches / tok_split
     tp = math.prod(sizes[a] for a in _axes("heads", rules))
     d, hd, s = m.d_model, m.head_dim, m.seq_len / sizes["sequence"]
-    attn = 2 * d + (2 * m.num_heads * hd + 2 * m.num_kv_heads * hd + 2 * m.num_heads * s * 1) / tp
+    # XLA's attention (CPU) keeps the [S, S] scores and probabilities; the flash kernels
+    # (GPU/TPU) keep one log-sum-exp per query and head.
+    scores = 2 * m.num_heads * s if platform == "cpu" else m.num_heads
+    attn = 2 * d + (2 * m.num_heads * hd + 2 * m.num_kv_heads * hd + scores) / tp
     mlp = 2 * d + 3 * m.d_ff / tp
     width = moe.expert_width(m.d_ff)
     # The all-gather exchange sorts every gathered assignment into one buffer per device;
@@ -272,11 +277,11 @@ def activation_bytes(cfg: Config, sizes: dict, *, remat: bool, platform: str = "
         per_token = m.num_layers / p * d + max(layers)
     else:
         per_token = sum(layers) / p
-    in_flight = 1
-    if p > 1:
-        in_flight = cfg.train.microbatches if par.schedule == "gpipe" else min(p, cfg.train.microbatches)
-    head = 2 * m.vocab_size / math.prod(sizes[a] for a in _axes("vocab", rules)) * 4
-    return tokens * (per_token * b * in_flight + head)
+    kept = 1
+    if p > 1 and in_flight:
+        kept = cfg.train.microbatches if par.schedule == "gpipe" else min(p, cfg.train.microbatches)
+    head = m.vocab_size / math.prod(sizes[a] for a in _axes("vocab", rules)) * 4   # float32 logits
+    return tokens * (per_token * b * kept + head)
 
 
 def gathered_bytes(cfg: Config, sizes: dict, *, remat: bool, platform: str = "gpu") -> float:
@@ -324,10 +329,10 @@ def communication(cfg: Config, sizes: dict, platform: str = "gpu", remat: bool =
     b = _ITEMSIZE[m.dtype]
     rows = []
 
-    def add(axis, collective, what, nbytes, count):
+    def add(axis, collective, what, nbytes, count, beside_compute=False):
         if nbytes > 0:
             rows.append({"axis": axis, "collective": collective, "what": what, "bytes": float(nbytes),
-                         "count": count})
+                         "count": count, "beside_compute": beside_compute})
     mb = cfg.train.microbatches
     n_moe = len(moe_layer_indices(cfg))
     p = sizes["pipeline"]
@@ -335,7 +340,7 @@ def communication(cfg: Config, sizes: dict, platform: str = "gpu", remat: bool =
     tok_split = math.prod(sizes[a] for a in _axes("batch", rules) | _axes("seq", rules))
     tokens = cfg.train.batch_size * m.seq_len / tok_split          # per device per step
     for axis, kind, what, nbytes, count in _gradient_sync(cfg, sizes, remat):
-        add(axis, kind, what, nbytes, count)
+        add(axis, kind, what, nbytes, count, beside_compute=True)
     # Expert parallelism over the groups that hold different experts.
     ep = math.prod(sizes[a] for a in _axes("expert", rules))
     if n_moe and ep > 1:
@@ -345,7 +350,7 @@ def communication(cfg: Config, sizes: dict, platform: str = "gpu", remat: bool =
         d_in = max(1, round(moe.bigmac_ratio * m.d_model)) if moe.bigmac_ratio else m.d_model
         t = moe_tokens / mb
         per = comm_bytes(moe, int(t), d_in, ep, b, exchange)
-        axis = "x".join(a for a in ("expert", "tensor") if a in _axes("expert", rules) and sizes[a] > 1)
+        axis = ",".join(a for a in ("expert", "tensor") if a in _axes("expert", rules) and sizes[a] > 1)
         layers_here = n_moe / p
         if moe.dispatch != "capacity" and exchange == "all_gather":
             # forward: gather tokens, routing weights, ids and masks; reduce-scatter outputs.

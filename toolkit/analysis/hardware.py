@@ -15,9 +15,11 @@ heterogeneous cluster; traffic between groups uses `Cluster.between`.
 
 Numbers are vendor datasheet peaks for dense math (no 2:4 sparsity). Link bandwidths are
 bytes a device can send per second in one direction to the rest of its collective group:
-NVLink's 900 GB/s bidirectional is 450e9 here; a TPU's ICI aggregate is halved the same
-way; inter-node bandwidth is one NIC per accelerator (400 Gb/s = 50e9 B/s). Latencies are
-per collective step, orders of magnitude rather than measurements.
+NVLink's 900 GB/s bidirectional is 450e9 here; on a TPU torus a ring along one axis uses
+two ICI links each way (2 x 90e9 on v5p/v6e, 2 x 45e9 on v5e); inter-node bandwidth is one
+NIC per GPU (400 Gb/s = 50e9 B/s) and the data-centre network's share per TPU chip.
+Latencies are per collective step, orders of magnitude rather than measurements. Sources:
+NVIDIA datasheets, Google Cloud TPU pages and the JAX scaling book's hardware tables.
 """
 
 import dataclasses
@@ -42,6 +44,9 @@ class Device:
       hbm_bytes: device memory.
       hbm_bandwidth: device memory bandwidth, bytes/s.
       kind: "gpu", "tpu" or "cpu".
+      matmul_efficiency: the share of peak that large bf16 matmuls reach in practice (an
+        assumption of the step-time estimate: about 0.75 for cuBLAS on Hopper, 0.85 on
+        A100, 0.9 on TPU MXUs; 1.0 for the measured CPU, whose peak is a measured matmul).
     """
 
     name: str
@@ -50,6 +55,7 @@ class Device:
     hbm_bytes: float
     hbm_bandwidth: float
     kind: str = "gpu"
+    matmul_efficiency: float = 0.75
 
     def peak_flops(self, dtype: str = "bfloat16") -> float:
         """Peak FLOP/s for matmuls in `dtype` ("bfloat16", "float32", "fp8")."""
@@ -111,32 +117,33 @@ class Cluster:
         return min(links, key=lambda k: k.bandwidth)
 
 
-def _gpu(name, bf16_tflops, fp8_tflops, hbm_gb, hbm_tbs):
+def _gpu(name, bf16_tflops, fp8_tflops, hbm_gb, hbm_tbs, efficiency=0.75):
     return Device(name=name, flops_bf16=bf16_tflops * 1e12, flops_fp8=fp8_tflops * 1e12,
-                  hbm_bytes=hbm_gb * GB, hbm_bandwidth=hbm_tbs * 1e12, kind="gpu")
+                  hbm_bytes=hbm_gb * GB, hbm_bandwidth=hbm_tbs * 1e12, kind="gpu",
+                  matmul_efficiency=efficiency)
 
 
 def _tpu(name, bf16_tflops, fp8_tflops, hbm_gb, hbm_tbs):
-    return dataclasses.replace(_gpu(name, bf16_tflops, fp8_tflops, hbm_gb, hbm_tbs), kind="tpu")
+    return dataclasses.replace(_gpu(name, bf16_tflops, fp8_tflops, hbm_gb, hbm_tbs, 0.9), kind="tpu")
 
 
 # name -> (device, devices per node, intra-node link, inter-node link)
 DEVICES = {
-    "h100": (_gpu("h100", 989, 1979, 80, 3.35), 8,
+    "h100": (_gpu("h100", 989.5, 1979, 80, 3.35), 8,
              Link(bandwidth=450 * GB, latency=3e-6), Link(bandwidth=50 * GB, latency=8e-6)),
-    "h200": (_gpu("h200", 989, 1979, 141, 4.8), 8,
+    "h200": (_gpu("h200", 989.5, 1979, 141, 4.8), 8,
              Link(bandwidth=450 * GB, latency=3e-6), Link(bandwidth=50 * GB, latency=8e-6)),
     "b200": (_gpu("b200", 2250, 4500, 180, 8.0), 8,
              Link(bandwidth=900 * GB, latency=3e-6), Link(bandwidth=50 * GB, latency=8e-6)),
-    "a100": (_gpu("a100", 312, 0, 80, 2.039), 8,
+    "a100": (_gpu("a100", 312, 0, 80, 2.039, 0.85), 8,
              Link(bandwidth=300 * GB, latency=3e-6), Link(bandwidth=25 * GB, latency=8e-6)),
     # TPU slices: every chip of a slice is on the ICI torus (per_node = slice size).
     "v5e": (_tpu("v5e", 197, 0, 16, 0.819), 256,
-            Link(bandwidth=100 * GB, latency=2e-6), Link(bandwidth=6.25 * GB, latency=2e-5)),
+            Link(bandwidth=90 * GB, latency=1e-6), Link(bandwidth=3.1 * GB, latency=2e-5)),
     "v5p": (_tpu("v5p", 459, 0, 95, 2.765), 8960,
-            Link(bandwidth=300 * GB, latency=2e-6), Link(bandwidth=6.25 * GB, latency=2e-5)),
+            Link(bandwidth=180 * GB, latency=1e-6), Link(bandwidth=6.25 * GB, latency=2e-5)),
     "v6e": (_tpu("v6e", 918, 0, 32, 1.64), 256,
-            Link(bandwidth=224 * GB, latency=2e-6), Link(bandwidth=6.25 * GB, latency=2e-5)),
+            Link(bandwidth=180 * GB, latency=1e-6), Link(bandwidth=12.5 * GB, latency=2e-5)),
 }
 # TPU generations whose slice names count TensorCores (two per chip) rather than chips.
 _CORES_PER_CHIP = {"v5p": 2}
@@ -215,4 +222,4 @@ def measure_cpu(size: int = 1024, stream_mb: int = 64, repeats: int = 5) -> Devi
     flops = 2 * size**3 / t_mm
     # the numpy triad makes two passes: read c, write a; read a and b, write a
     return Device(name="cpu", flops_bf16=flops, flops_fp8=0.0, hbm_bytes=float(memory),
-                  hbm_bandwidth=5 * n * 4 / t_triad, kind="cpu")
+                  hbm_bandwidth=5 * n * 4 / t_triad, kind="cpu", matmul_efficiency=1.0)

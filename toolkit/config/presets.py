@@ -56,6 +56,16 @@ def mixtral_8x7b() -> Config:
     )
 
 
+def mixtral_8x22b() -> Config:
+    """Mixtral 8x22B: 56 layers, 8 experts of width 16384, top-2, every layer MoE."""
+    return _analysis(
+        "mixtral_8x22b",
+        ModelConfig(vocab_size=32768, d_model=6144, num_layers=56, num_heads=48, num_kv_heads=8,
+                    head_dim=128, d_ff=16384, seq_len=4096, rope_theta=1e6, dtype="bfloat16"),
+        MoEConfig(num_experts=8, top_k=2, d_expert=16384),
+    )
+
+
 def deepseek_v3() -> Config:
     """DeepSeek-V3 shapes: 61 layers (3 dense), 256 routed + 1 shared expert, top-8."""
     return _analysis(
@@ -131,7 +141,8 @@ def precision_recipe(name: str) -> PrecisionConfig:
     return RECIPES[name]()
 
 
-PRESETS = {f.__name__: f for f in (tiny, small, mixtral_8x7b, deepseek_v3, ling_mini_2, qwen3_30b_a3b)}
+PRESETS = {f.__name__: f for f in (tiny, small, mixtral_8x7b, mixtral_8x22b, deepseek_v3, ling_mini_2,
+                                    qwen3_30b_a3b)}
 
 
 def preset(name: str) -> Config:
