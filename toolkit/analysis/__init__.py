@@ -9,6 +9,7 @@ model's tensors fare in low-bit formats.
     costs = estimate_costs(cfg, num_devices=64)          # FLOPs, memory, bytes per device
     t = estimate_step_time(cfg, get_cluster("h100x64"))  # seconds and MFU on a cluster
     plans = plan(cfg, get_cluster("v5p-128"), global_batch_tokens=4 * 2**20)
+    best = place_experts(routing_trace(model, token_batches), num_devices=4)   # ExFlow placement
 """
 
 from toolkit.analysis.collectives import Collective, parse_collectives, summarize_collectives
@@ -16,6 +17,16 @@ from toolkit.analysis.compiled import matmul_flops, step_collectives
 from toolkit.analysis.costs import Costs, estimate_costs, forward_flops
 from toolkit.analysis.hardware import Cluster, Device, DeviceGroup, Link, get_cluster, measure_cpu
 from toolkit.analysis.params import count_params
+from toolkit.analysis.placement import (
+    Placement,
+    Trace,
+    contiguous_placement,
+    cross_device_fraction,
+    device_load_imbalance,
+    place_experts,
+    round_robin_placement,
+    routing_trace,
+)
 from toolkit.analysis.planner import Plan, explain, parse_tokens, plan
 from toolkit.analysis.precision import (
     activation_tensors,
@@ -39,9 +50,12 @@ from toolkit.analysis.routing import (
     load_fractions,
     load_imbalance,
 )
+from toolkit.analysis.speculation import speculative_shuffle
 from toolkit.analysis.step_time import StepTime, estimate_step_time
 
-__all__ = ["Cluster", "Costs", "Device", "DeviceGroup", "Link", "PUBLISHED", "Plan", "StepTime",
+__all__ = ["Placement", "Trace", "contiguous_placement", "cross_device_fraction", "device_load_imbalance",
+           "place_experts", "round_robin_placement", "routing_trace", "speculative_shuffle",
+           "Cluster", "Costs", "Device", "DeviceGroup", "Link", "PUBLISHED", "Plan", "StepTime",
            "compare_published", "estimate_costs", "estimate_step_time", "explain", "forward_flops",
            "get_cluster", "matmul_flops", "measure_cpu", "parse_tokens", "plan", "step_collectives",
            "Collective", "activation_tensors", "count_params", "inference_policy", "model_tensors",
