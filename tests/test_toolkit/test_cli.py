@@ -50,11 +50,13 @@ def test_train_on_the_8_device_mesh_end_to_end(tmp_path):
 
 
 def test_inspect_prints_memory_and_collectives():
-    out = _cli("inspect", "--preset", "tiny", "--mesh", "fsdp=8", "--set", "model.num_layers=2")
+    out = _cli("inspect", "--preset", "tiny", "--mesh", "fsdp=8", "--set", "model.num_layers=2", "--costs")
     assert out.returncode == 0, out.stderr
     assert "train step on mesh fsdp=8 (8 devices, recipe fsdp_tp_ep), per device:" in out.stdout
     assert "all-gather" in out.stdout and "parameters + optimizer" in out.stdout
     assert "nothing to check" in out.stdout       # no expert or tensor parallelism on fsdp=8
+    args = [line for line in out.stdout.splitlines() if line.strip().startswith("argument bytes")]
+    assert len(args) == 1 and args[0].split()[-1] == "1.000", out.stdout     # --costs: model == HLO
     ep = _cli("inspect", "--mesh", "data=2,expert=4", "--recipe", "ep", "--set", "model.num_layers=2",
               "--set", "moe.dispatch=capacity")
     assert ep.returncode == 0, ep.stderr

@@ -74,7 +74,7 @@ def _check(rows, *, flops=0.02, comm=0.15, expert_rows=True):
     assert abs(by["dot FLOPs outside routed experts"]["ratio"] - 1) < flops, rows
     if expert_rows:
         assert abs(by["dot FLOPs in routed experts"]["ratio"] - 1) < 0.01, rows
-    assert abs(by["argument bytes"]["ratio"] - 1) < 1e-3, rows
+    assert abs(by["argument bytes"]["ratio"] - 1) < 1e-4, rows
     # XLA's buffer assignment decides the temporaries; the estimate stays within 2.5x below
     assert 1.0 <= by["temporary bytes"]["ratio"] < 2.5, rows
     for what, r in by.items():
@@ -93,9 +93,11 @@ def test_costs_match_compiled_fsdp_data_expert_capacity():
     assert cost_model.capacity_padding(cfg, cost_model.estimate_costs(cfg, 8).sizes) == 1.25
 
 
-def test_costs_match_compiled_expert_parallel_dropless_all_gather():
-    by = _check(cost_check(_tiny("parallel.data=2", "parallel.expert=4", "parallel.recipe=ep")))
-    assert by["all-gather bytes sent"]["compiled"] > 0
+def test_costs_match_compiled_folded_dropless_all_gather():
+    # attention tensor-parallel, experts over expert x tensor, the dropless all-gather exchange
+    by = _check(cost_check(_tiny("parallel.data=2", "parallel.expert=2", "parallel.tensor=2",
+                                 "parallel.recipe=folded")))
+    assert by["all-gather bytes sent"]["compiled"] > 0 and by["reduce-scatter bytes sent"]["compiled"] > 0
 
 
 def test_costs_match_compiled_tensor_and_context_parallel():

@@ -255,9 +255,10 @@ def activation_bytes(cfg: Config, sizes: dict, *, remat: bool, platform: str = "
     tok_split = math.prod(sizes[a] for a in _axes("batch", rules) | _axes("seq", rules))
     tokens = cfg.train.batch_size * m.seq_len / cfg.train.microbatches / tok_split
     tp = math.prod(sizes[a] for a in _axes("heads", rules))
-    d, hd, s = m.d_model, m.head_dim, m.seq_len / sizes["sequence"]
-    # XLA's attention (CPU) keeps the [S, S] scores and probabilities; the flash kernels
-    # (GPU/TPU) keep one log-sum-exp per query and head.
+    d, hd, s = m.d_model, m.head_dim, m.seq_len
+    # XLA's attention (CPU) keeps the scores and probabilities against all S keys (in c
+    # blocks under context parallelism); the flash kernels (GPU/TPU) keep one log-sum-exp
+    # per query and head.
     scores = 2 * m.num_heads * s if platform == "cpu" else m.num_heads
     attn = 2 * d + (2 * m.num_heads * hd + 2 * m.num_kv_heads * hd + scores) / tp
     mlp = 2 * d + 3 * m.d_ff / tp
@@ -270,6 +271,7 @@ def activation_bytes(cfg: Config, sizes: dict, *, remat: bool, platform: str = "
         rows = moe.capacity_factor
     moe_act = (2 * d + moe.num_routed + rows * moe.top_k * (2 * d + 3 * width)
                + 3 * moe.num_shared_experts * width / tp)
+    moe_act *= sizes["sequence"]     # a dispatch group gathers whole sequences (see work_split)
     n_moe = len(moe_layer_indices(cfg))
     layers = [attn + mlp] * (m.num_layers - n_moe) + [attn + moe_act] * n_moe
     p = sizes["pipeline"]
@@ -368,11 +370,18 @@ def communication(cfg: Config, sizes: dict, platform: str = "gpu", remat: bool =
     tp = math.prod(sizes[a] for a in _axes("heads", rules))
     if tp > 1:
         etp = math.prod(sizes[a] for a in _axes("expert_mlp", rules))
-        per_moe = 2 + (2 if moe.num_shared_experts else 0) + (2 * moe.top_k if etp > 1 else 0)
+        # split experts: their k output rows summed forward, their input rows backward, and
+        # the token gradient once more before the dispatch's transpose
+        per_moe = 2 + (2 if moe.num_shared_experts else 0) + (2 * moe.top_k + 1 if etp > 1 else 0)
         units = (m.num_layers - n_moe) / p * 4 + n_moe / p * per_moe + 2
         kind = "reduce-scatter + all-gather" if par.sequence_parallel else "all-reduce"
-        add("tensor", kind, "attention, MLP and expert outputs",
-            units * tokens * m.d_model * b * 2 * (tp - 1) / tp, units * mb)
+        unit = tokens * m.d_model * b * (tp - 1) / tp
+        add("tensor", kind, "attention, MLP and expert outputs", units * unit * 2, units * mb)
+        if par.recipe == "folded" and n_moe:
+            # folded experts split the tokens over `tensor` too: their outputs are gathered
+            # back (forward and backward) and the input gradient summed once
+            add("tensor", "all-gather", "folded MoE outputs", 2 * unit * n_moe / p, 2 * n_moe / p * mb)
+            add("tensor", "all-reduce", "folded MoE input gradients", 2 * unit * n_moe / p, n_moe / p * mb)
     # Pipeline: every tick of the schedule sends one micro-batch activation each way (zeros
     # on idle ticks: the program is the same on every device).
     if p > 1:
