@@ -201,40 +201,48 @@ def param_bytes_per_device(cfg: Config, sizes: dict, itemsize: int = PARAM_BYTES
 def _gradient_sync(cfg: Config, sizes: dict, remat: bool) -> list:
     """FSDP gathers and gradient reductions, parameter by parameter.
 
-    A weight split over `fsdp` is all-gathered before use: once per micro-batch in the
-    forward (the backward reuses it) or twice with rematerialisation. Its gradient is
+    A weight split over `fsdp` is all-gathered before use: once per step (XLA hoists the
+    gather out of the micro-batch loop; the backward reuses it), twice with
+    rematerialisation. Its gradient is
     reduce-scattered back over `fsdp` when the weight lives in a transformer block's own
     sharded matmuls; the embedding, output layer and routers are left to XLA, which
     all-reduces their full gradient and slices it. Every other token axis (`data`, and
     `expert` or `sequence` where they split tokens but not the weight) all-reduces the
-    gradient shard.
+    gradient shard. Gradient accumulation (`train.microbatches` without a pipeline) reduces
+    each micro-batch's gradients inside its loop: m times. A pipeline gathers a stage's
+    weights in every forward (and rematerialised backward) of a micro-batch and
+    reduce-scatters each backward's gradients, m times; it all-reduces its accumulated
+    gradients once.
     """
     rules = _rules(cfg)
     token_axes = _axes("batch", rules) | _axes("seq", rules) | _axes("moe_batch", rules)
-    f, mb = sizes["fsdp"], cfg.train.microbatches
+    f, m = sizes["fsdp"], cfg.train.microbatches
+    piped = sizes["pipeline"] > 1
+    gathers = (2 if remat else 1) * (m if piped else 1)      # per step
+    scatters, reduces = m, (1 if piped else m)
     gather = reduce_scatter = 0.0
     reduce = {}
     for path, n, axes, in_block in _params(cfg, sizes):
         nbytes = n * PARAM_BYTES
         rest = tuple(sorted(a for a in token_axes - axes - {"fsdp"} if sizes[a] > 1))
         if "fsdp" in axes and f > 1:
-            gather += nbytes * (f - 1) * (2 if remat else 1) * mb
+            gather += nbytes * (f - 1) * gathers
             if in_block and "router" not in path:
-                reduce_scatter += nbytes * (f - 1)
+                reduce_scatter += nbytes * (f - 1) * scatters
             else:
                 rest = tuple(sorted(rest + ("fsdp",)))
                 nbytes *= f
         if rest:
-            reduce[rest] = reduce.get(rest, 0.0) + nbytes
+            reduce[rest] = reduce.get(rest, 0.0) + nbytes * reduces
     rows = []
     if gather:
         rows.append(("fsdp", "all-gather", "weights" + (", forward and backward" if remat else ""), gather,
-                     (2 if remat else 1) * mb))
+                     gathers))
     if reduce_scatter:
-        rows.append(("fsdp", "reduce-scatter", "gradients", reduce_scatter, 1))
+        rows.append(("fsdp", "reduce-scatter", "gradients", reduce_scatter, scatters))
     for axes, nbytes in sorted(reduce.items()):
         n = math.prod(sizes[a] for a in axes)
-        rows.append((",".join(axes), "all-reduce", "gradients", 2 * nbytes * (n - 1) / n, 1))
+        rows.append((",".join(axes), "all-reduce", "gradients", 2 * nbytes * (n - 1) / n, reduces))
     return rows
 
 

@@ -63,6 +63,24 @@ class Plan:
                 f"{' remat' if self.remat else ''}")
 
 
+class Plans(list):
+    """The ranked plans, and in `alternatives` the fastest fitting plan of each expert layout
+    (`expert_layout`), whether or not it made the top."""
+
+    def __init__(self, plans=()):
+        super().__init__(plans)
+        self.alternatives = {}
+
+
+def expert_layout(cfg: Config) -> str:
+    """How a plan lays out the routed experts: expert-parallel, folded over expert x tensor,
+    or replicated/sharded like the dense layers (data, FSDP, tensor)."""
+    par = cfg.parallel
+    if par.expert > 1:
+        return "folded (expert x tensor)" if par.recipe == "folded" else "expert-parallel"
+    return "tensor-parallel experts" if par.tensor > 1 else "data/FSDP experts"
+
+
 def parse_tokens(text) -> int:
     """'4M' -> 4 * 2**20 tokens, '512K' -> 512 * 2**10, '1000000' -> 1000000."""
     s = str(text).strip().upper()
@@ -190,7 +208,10 @@ def plan(cfg: Config, cluster: Cluster, global_batch_tokens: int | None = None, 
             f"({MEMORY_HEADROOM:.0%} usable); use about {more} or more devices or a smaller global "
             f"batch" + ("" if True in tuple(remat) else ", or allow rematerialisation"))
     fits.sort(key=lambda pl: pl.time.step_s)
-    return fits[:top]
+    ranked = Plans(fits[:top])
+    for pl in fits:                    # the best of each way to lay out the experts (Tutel's choice)
+        ranked.alternatives.setdefault(expert_layout(pl.cfg), pl)
+    return ranked
 
 
 def explain(plans, cluster: Cluster | None = None) -> str:
@@ -218,4 +239,23 @@ def explain(plans, cluster: Cluster | None = None) -> str:
     if len(plans) > 1:
         nxt = plans[1]
         lines.append(f"  the runner-up ({nxt.label}) is {nxt.time.step_s / best.time.step_s - 1:.1%} slower")
+    if cluster is not None:
+        from toolkit.analysis.step_time import axis_span
+        sizes = best.time.costs.sizes
+        links = []
+        for axis in AXES:
+            if sizes[axis] > 1:
+                span = axis_span(axis, sizes)
+                link = cluster.link_for(span)
+                where = "inside a node" if link in [g.intra for g in cluster.groups] else "across nodes"
+                links.append(f"{axis}={sizes[axis]} spans {span} devices, {where} "
+                             f"({link.bandwidth / 1e9:,.0f} GB/s)")
+        if links:
+            lines.append("  links: " + "; ".join(links))
+    alternatives = getattr(plans, "alternatives", {})
+    if len(alternatives) > 1:
+        mine = expert_layout(best.cfg)
+        others = [f"{name} at best {alt.time.step_s / best.time.step_s - 1:+.1%} ({alt.label})"
+                  for name, alt in alternatives.items() if name != mine]
+        lines.append(f"  experts laid out {mine}; " + "; ".join(others))
     return "\n".join(lines)
