@@ -184,6 +184,9 @@ def test_measure_cpu_is_positive_and_cached():
     cpu = measure_cpu(size=256, stream_mb=8, repeats=2)
     assert cpu.kind == "cpu" and cpu.flops_bf16 > 1e8 and cpu.hbm_bandwidth > 1e8
     assert measure_cpu(size=256, stream_mb=8, repeats=2) is cpu
+    cluster = get_cluster("cpux8")                 # this machine split into simulated devices
+    assert cluster.num_devices == 8 and cluster.device.kind == "cpu"
+    assert cluster.link_for(8).bandwidth == cluster.device.hbm_bandwidth / 2
 
 
 # ---- step time, planner, published runs ---------------------------------------------------
