@@ -62,7 +62,7 @@ def plans(cases) -> dict:
             "seconds_to_plan": time.perf_counter() - t0,
             "plans": [{"layout": p.label, "mesh": p.mesh, "step_s": p.time.step_s, "mfu": p.time.mfu,
                        "memory_gb": p.memory_bytes / 1e9} for p in ranked],
-            "explanation": explain(ranked)}
+            "explanation": explain(ranked, get_cluster(cluster))}
     return out
 
 
