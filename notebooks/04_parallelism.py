@@ -54,6 +54,8 @@ CHOICES = {"parallel.overlap_chunks": 1}  # other choices (toolkit.widgets.CHOIC
 DEVICES = 8  # simulated CPU devices; ignored on GPU/TPU, where the accelerators are the devices
 EXTRA_OVERRIDES = []  # other dotted config overrides, e.g. ["model.num_layers=2"]
 EQUIVALENCE = True  # run the single-device check (two more compiles)
+# the planning section: a published model on a real cluster (toolkit.analysis.planner)
+PLAN = {"preset_name": "qwen3_30b_a3b", "cluster": "h100x16", "global_batch": "256K", "remat": (True,)}
 
 # %% [markdown]
 # JAX fixes its device list when it starts, so the simulated devices are requested before anything
@@ -276,6 +278,25 @@ if EQUIVALENCE and pipe.cfg is not None:
           f"{eq['grad_diff']:.3g}")
 
 # %% [markdown]
+# ## Planning for a real cluster
+#
+# The same mesh vocabulary, priced for hardware this machine does not have. The planner
+# (`toolkit.analysis.planner`) tries every split of a cluster's devices into the six axes that the
+# model's shapes allow, with micro-batch counts, pipeline schedules and rematerialisation, drops the
+# layouts its memory model says do not fit, and ranks the rest by estimated step time: FLOPs at the
+# device's matmul rate, weights read from HBM, each collective on the link its axis lands on (NVLink
+# inside a node, InfiniBand across), FSDP and gradient traffic overlapped with compute, tensor-,
+# expert- and context-parallel traffic on the critical path, pipeline bubbles. The same from the
+# command line: `python -m toolkit plan --preset qwen3_30b_a3b --cluster h100x16 --global-batch 256K`.
+
+# %%
+from toolkit.widgets import PlanningExplorer, PlanningExplorerView  # noqa: E402
+
+planner = PlanningExplorer(**PLAN)
+print(planner.error or planner.explanation())
+display(PlanningExplorerView(planner).widget)
+
+# %% [markdown]
 # ## Overhead, not speedup
 #
 # The 8 devices here are simulated on the CPU cores of one machine: every "device" shares the same
@@ -305,3 +326,6 @@ if EQUIVALENCE and pipe.cfg is not None:
 #   `PIPELINE_OVERRIDES = ["model.num_layers=8"]`: half the bubble.
 # * `MESH = {..., "sequence": 2}` with `CHOICES = {"parallel.context": "all_gather"}`: context
 #   parallelism by gathering keys and values instead of the ring.
+# * `PLAN = {"preset_name": "mixtral_8x7b", "cluster": "h100x64", "global_batch": "4M",
+#   "remat": (False, True)}`: half a minute of planning; then `"cluster": "h100x8"` for the error that
+#   says how many devices the model needs.

@@ -44,6 +44,12 @@ EXTRA_OVERRIDES = ["model.num_layers=1", "model.d_model=32", "model.head_dim=8",
                    "model.seq_len=16", "train.batch_size=8", "moe.d_expert=32",
                    "data.max_code_bytes=300000"]
 ''',
+    "05_sparsity_and_scale": '''\
+STEPS = 2
+TRAIN = [(8, 2, 0)]
+EXTRA_OVERRIDES = ["model.num_layers=1", "train.batch_size=4", "model.seq_len=32",
+                   "data.max_code_bytes=300000", "train.eval_batches=1"]
+''',
 }
 
 
@@ -150,6 +156,25 @@ def test_03_precision_explorer_runs(executed_03):
     assert _outputs(nb, "image/png"), "the histogram was not drawn"
 
 
+@pytest.fixture(scope="module")
+def executed_05():
+    return _execute("05_sparsity_and_scale")
+
+
+def test_05_sparsity_and_scale_runs(executed_05):
+    nb = executed_05
+    errors = _errors(nb)
+    assert not errors, errors
+    assert _outputs(nb, "application/vnd.jupyter.widget-view+json"), "the widget was not displayed"
+    assert len(_outputs(nb, "image/png")) >= 2, "the bars and the EL curve"
+    html = "\n".join(_outputs(nb, "text/html"))
+    assert "designs at equal active compute" in html and "E64 k2 s0" in html
+    text = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
+                   for out in cell.outputs)
+    assert "EL(A=3.1%, G=12, C=1e22) = 7.24; best granularity 11.3" in text, text
+    assert re.search(r"E8 k2 s0: validation loss \d+\.\d+ after 2 steps", text), text
+
+
 def test_04_parallelism_runs(executed_04):
     nb = executed_04
     errors = _errors(nb)
@@ -176,6 +201,9 @@ def test_04_parallelism_runs(executed_04):
     assert "bubble fraction (idle share of stages x time)" in html
     diffs = re.search(r"pipeline: loss difference (\S+), max gradient difference (\S+)", text)
     assert diffs and float(diffs[1]) < 1e-5 and float(diffs[2]) < 1e-5, text
+    # the planner on a real cluster: its ranked table and explanation
+    assert re.search(r" 1 \S.*\d+\.\d+%", text), text
+    assert "best: pipeline=" in text and "experts laid out" in text, text
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in NOTEBOOKS.glob("*.py")))
