@@ -35,37 +35,35 @@ class Setup:
     assumptions: str
 
 
+_MAXTEXT = Setup(
+    name="MaxText Mixtral 8x7B, v5p-128", preset="mixtral_8x7b", cluster="v5p-128",
+    overrides=("parallel.data=1", "parallel.fsdp=64", "train.batch_size=768"),
+    remat=True, published_mfu=0.5489,
+    source="AI-Hypercomputer/maxtext end_to_end/tpu/mixtral/Run_Mixtral.md (PR #751): "
+           "251.94 TFLOP/s per chip of 459",
+    assumptions="the run's config is unpublished; as every published MaxText Mixtral config: "
+                "pure FSDP over the 64 chips, full remat, dropless (megablox), bf16, "
+                "sequence 4096; 12 sequences per chip (the v6e-256 config's)")
+_MEGATRON = Setup(
+    name="Megatron-Core Mixtral 8x22B, 128 H100 (folded)", preset="mixtral_8x22b", cluster="h100x128",
+    overrides=("parallel.pipeline=8", "parallel.data=2", "parallel.tensor=2", "parallel.expert=4",
+               "parallel.recipe=folded", "train.batch_size=256", "train.microbatches=16",
+               "moe.dispatch=capacity", "moe.capacity_factor=1.0"),
+    remat=False, published_mfu=0.493,
+    source="MoE Parallel Folding (arXiv 2504.14960) Table 3: TP2 EP8 ETP1 PP8 CP1, global batch "
+           "256 x 4096, bf16, token dropping at capacity 1.0",
+    assumptions="no recompute and 1F1B without virtual stages (the paper states neither); "
+                "EP8 folded over the TP pair as expert=4 x tensor=2; 2 sequences per "
+                "micro-batch and data rank (16 micro-batches), since the toolkit's folded MoE "
+                "splits whole sequences over data x expert x tensor = 16")
 PUBLISHED = (
-    Setup(name="MaxText Mixtral 8x7B, v5p-128", preset="mixtral_8x7b", cluster="v5p-128",
-          overrides=("parallel.data=1", "parallel.fsdp=64", "train.batch_size=768"),
-          remat=True, published_mfu=0.5489,
-          source="AI-Hypercomputer/maxtext end_to_end/tpu/mixtral/Run_Mixtral.md (PR #751): "
-                 "251.94 TFLOP/s per chip of 459",
-          assumptions="the run's config is unpublished; as every published MaxText Mixtral config: "
-                      "pure FSDP over the 64 chips, full remat, dropless (megablox), bf16, "
-                      "sequence 4096; 12 sequences per chip (the v6e-256 config's)"),
-    Setup(name="Megatron-Core Mixtral 8x22B, 128 H100 (folded)", preset="mixtral_8x22b",
-          cluster="h100x128",
-          overrides=("parallel.pipeline=8", "parallel.data=2", "parallel.tensor=2", "parallel.expert=4",
-                     "parallel.recipe=folded", "train.batch_size=256", "train.microbatches=16",
-                     "moe.dispatch=capacity", "moe.capacity_factor=1.0"),
-          remat=False, published_mfu=0.493,
-          source="MoE Parallel Folding (arXiv 2504.14960) Table 3: TP2 EP8 ETP1 PP8 CP1, global batch "
-                 "256 x 4096, bf16, token dropping at capacity 1.0",
-          assumptions="no recompute and 1F1B without virtual stages (the paper states neither); "
-                      "EP8 folded over the TP pair as expert=4 x tensor=2; 2 sequences per "
-                      "micro-batch and data rank (16 micro-batches), since the toolkit's folded MoE "
-                      "splits whole sequences over data x expert x tensor = 16"),
-    Setup(name="Megatron-Core Mixtral 8x22B, 128 H100 (folded, VPP 7)", preset="mixtral_8x22b",
-          cluster="h100x128",
-          overrides=("parallel.pipeline=8", "parallel.data=2", "parallel.tensor=2", "parallel.expert=4",
-                     "parallel.recipe=folded", "train.batch_size=256", "train.microbatches=16",
-                     "moe.dispatch=capacity", "moe.capacity_factor=1.0", "parallel.schedule=interleaved",
-                     "parallel.virtual_stages=7"),
-          remat=False, published_mfu=0.493,
-          source="as above",
-          assumptions="as above with 7 virtual stages (one layer per chunk): the bubble shrinks 7x "
-                      "while the toolkit's tick loop sends on every tick"),
+    _MAXTEXT,
+    _MEGATRON,
+    dataclasses.replace(
+        _MEGATRON, name="Megatron-Core Mixtral 8x22B, 128 H100 (folded, VPP 7)",
+        overrides=_MEGATRON.overrides + ("parallel.schedule=interleaved", "parallel.virtual_stages=7"),
+        assumptions=_MEGATRON.assumptions.replace("1F1B without virtual stages", "7 virtual stages "
+                                                  "(one layer per chunk)")),
 )
 
 
