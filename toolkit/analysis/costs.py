@@ -38,8 +38,14 @@ import math
 
 import numpy as np
 
+from toolkit.analysis.params import count_params
 from toolkit.config import Config
 from toolkit.models.transformer import moe_layer_indices
+from toolkit.moe.dispatch import capacity
+from toolkit.sharding.expert_parallel import comm_bytes
+from toolkit.sharding.mesh import rules_for
+from toolkit.sharding.rules import logical_to_spec, mesh_axes_of
+from toolkit.sharding.schedules import timeline
 
 _ITEMSIZE = {"float32": 4, "bfloat16": 2}
 PARAM_BYTES = 4          # parameters, gradients and AdamW moments stay float32
@@ -104,13 +110,18 @@ def forward_flops(cfg: Config, *, causal: bool = False) -> dict:
             "mtp": mtp}
 
 
+@functools.cache
+def _ticks(schedule: str, stages: int, microbatches: int, virtual: int) -> int:
+    """Ticks of a pipeline schedule's timeline (cached: the planner asks for the same ones)."""
+    return int(timeline(schedule, stages, microbatches, virtual).length)
+
+
 def capacity_padding(cfg: Config, sizes: dict) -> float:
     """Expert rows computed per useful row: E*C / (T*k) under capacity dispatch (every slot
     is multiplied, filled or not), 1 when dropless. T: one dispatch group's tokens."""
     moe = cfg.moe
     if moe.dispatch != "capacity" or not moe.num_experts:
         return 1.0
-    from toolkit.moe.dispatch import capacity
     groups = moe.dispatch_groups or math.prod(sizes[a] for a in _axes("moe_batch", _rules(cfg)))
     t = cfg.train.batch_size * cfg.model.seq_len // cfg.train.microbatches // groups
     return moe.num_ffn_experts * capacity(t, moe.top_k, moe.num_ffn_experts, moe.capacity_factor) / (
@@ -118,12 +129,10 @@ def capacity_padding(cfg: Config, sizes: dict) -> float:
 
 
 def _axes(name: str, rules) -> set:
-    from toolkit.sharding.rules import mesh_axes_of
     return set(mesh_axes_of(name, rules))
 
 
 def _rules(cfg: Config):
-    from toolkit.sharding.mesh import rules_for
     return rules_for(cfg.parallel)
 
 
@@ -183,7 +192,6 @@ def param_table(model, moe, pipeline: bool) -> tuple:
 
 def _params(cfg: Config, sizes: dict):
     """(path, values per device, mesh axes it is split over, in a block) per parameter."""
-    from toolkit.sharding.rules import logical_to_spec
     rules = _rules(cfg)
     for path, shape, names, in_block, copies in param_table(cfg.model, cfg.moe, cfg.parallel.pipeline > 1):
         axes = [a for part in logical_to_spec(names, rules)
@@ -333,7 +341,6 @@ def kv_cache_bytes(cfg: Config, sizes: dict, batch: int | None = None, context: 
 def communication(cfg: Config, sizes: dict, platform: str = "gpu", remat: bool = False) -> list:
     """Bytes one device sends per step, by mesh axis and collective (see the module docstring).
     `platform` resolves `parallel.dropless_exchange="auto"` as the toolkit does there."""
-    from toolkit.sharding.expert_parallel import comm_bytes
     m, moe, par = cfg.model, cfg.moe, cfg.parallel
     rules = _rules(cfg)
     b = _ITEMSIZE[m.dtype]
@@ -393,8 +400,7 @@ def communication(cfg: Config, sizes: dict, platform: str = "gpu", remat: bool =
     # Pipeline: every tick of the schedule sends one micro-batch activation each way (zeros
     # on idle ticks: the program is the same on every device).
     if p > 1:
-        from toolkit.sharding.schedules import timeline
-        ticks = timeline(par.schedule, p, mb, par.virtual_stages).length
+        ticks = _ticks(par.schedule, p, mb, par.virtual_stages)
         act = tokens / mb * m.d_model * b
         add("pipeline", "collective-permute", "stage activations, every tick", 2 * ticks * act, 2 * ticks)
     # Context parallelism: each layer passes K/V pieces around the ring (or gathers them) in
@@ -417,7 +423,6 @@ def estimate_costs(cfg: Config, num_devices: int | None = None, *, causal: bool 
     footprint); default: what `cfg` does (`parallel.pipeline_remat` inside a pipeline).
     `platform`: "cpu", "gpu" or "tpu", for what `parallel.dropless_exchange="auto"` picks.
     """
-    from toolkit.analysis.params import count_params
     par = cfg.parallel
     if num_devices is None:
         if -1 in (par.data, par.fsdp, par.tensor, par.expert, par.pipeline, par.sequence):
