@@ -10,6 +10,9 @@ between expert and tensor layouts for the FFN), micro-batch counts, pipeline sch
 each axis lands on, intra-node or inter-node, slower between the groups of a
 heterogeneous cluster). Candidates whose memory estimate exceeds a device are dropped
 before ranking, so a plan never recommends what its own memory model says cannot fit.
+The toolkit itself rematerialises only inside pipelines (`parallel.pipeline_remat`); a
+`remat` plan without a pipeline prices what a framework with per-layer activation
+checkpointing (MaxText, Megatron) would run.
 
     plans = plan(preset("mixtral_8x7b"), get_cluster("h100x64"), global_batch_tokens=4 * 2**20)
     plans[0].mesh, plans[0].time.mfu     # "pipeline=1,data=1,fsdp=8,...", 0.52
