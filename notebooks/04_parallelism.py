@@ -288,6 +288,12 @@ if EQUIVALENCE and pipe.cfg is not None:
 # inside a node, InfiniBand across), FSDP and gradient traffic overlapped with compute, tensor-,
 # expert- and context-parallel traffic on the critical path, pipeline bubbles. The same from the
 # command line: `python -m toolkit plan --preset qwen3_30b_a3b --cluster h100x16 --global-batch 256K`.
+#
+# In the widget pick a model, a device and a count (or type a cluster such as `h100x32+a100x32` or
+# `v5p-128`), the tokens per step, axes to hold fixed (`tensor=2, expert=8`) and the
+# rematerialisation to try; the plan number picks whose memory, bytes sent and step time are drawn
+# as bars. A cluster too small for the model shows the planner's message, with the device count that
+# would fit, instead of a table. Its state is a `PlanningExplorer` (`toolkit/widgets/planning.py`).
 
 # %%
 from toolkit.widgets import PlanningExplorer, PlanningExplorerView  # noqa: E402

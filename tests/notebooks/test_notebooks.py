@@ -47,7 +47,7 @@ EXTRA_OVERRIDES = ["model.num_layers=1", "model.d_model=32", "model.head_dim=8",
     "05_sparsity_and_scale": '''\
 STEPS = 2
 TRAIN = [(8, 2, 0)]
-EXTRA_OVERRIDES = ["model.num_layers=1", "train.batch_size=4", "model.seq_len=32",
+EXTRA_OVERRIDES = ["model.num_layers=1", "train.batch_size=8", "model.seq_len=32",
                    "data.max_code_bytes=300000", "train.eval_batches=1"]
 ''',
 }
@@ -172,7 +172,11 @@ def test_05_sparsity_and_scale_runs(executed_05):
     text = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
                    for out in cell.outputs)
     assert "EL(A=3.1%, G=12, C=1e22) = 7.24; best granularity 11.3" in text, text
+    assert "refine(4): E8 k2 s0 -> E32 k8 s0, d_expert 32, A 0.250 -> 0.250, G 2 -> 8, EL 2.06 -> 2.35" \
+        in text, text
+    assert re.search(r"each run: 512 tokens, C = \d\.\de\+\d\d FLOPs", text), text
     assert re.search(r"E8 k2 s0: validation loss \d+\.\d+ after 2 steps", text), text
+    assert re.search(r"E8 k2 s0</td>.*\d\.\d{3} \(2 steps\)</td>", html), "the trained loss in the table"
 
 
 def test_04_parallelism_runs(executed_04):

@@ -10,6 +10,7 @@ model's tensors fare in low-bit formats.
     t = estimate_step_time(cfg, get_cluster("h100x64"))  # seconds and MFU on a cluster
     plans = plan(cfg, get_cluster("v5p-128"), global_batch_tokens=4 * 2**20)
     best = place_experts(routing_trace(model, token_batches), num_devices=4)   # ExFlow placement
+    efficiency_leverage(0.031, 12, 1e22)                 # Ling 2.0's EL law: 7.24
 """
 
 from toolkit.analysis.collectives import Collective, parse_collectives, summarize_collectives
@@ -50,6 +51,16 @@ from toolkit.analysis.routing import (
     load_fractions,
     load_imbalance,
 )
+from toolkit.analysis.scaling import (
+    activation_ratio,
+    at_active_compute,
+    efficiency_leverage,
+    granularity,
+    leverage_of,
+    optimal_granularity,
+    segmented,
+    training_compute,
+)
 from toolkit.analysis.speculation import speculative_shuffle
 from toolkit.analysis.step_time import StepTime, estimate_step_time
 
@@ -62,4 +73,6 @@ __all__ = ["Placement", "Trace", "contiguous_placement", "cross_device_fraction"
            "policy_losses", "qsnr_table", "weight_tensors", "dense_moe_flops", "domain_mutual_information",
            "domain_preferences", "expert_flops", "experts_per_token_histogram", "flops_per_token",
            "inter_layer_affinity", "inter_layer_mutual_information", "load_cv", "load_fractions",
-           "load_imbalance", "parse_collectives", "summarize_collectives"]
+           "load_imbalance", "parse_collectives", "summarize_collectives", "activation_ratio",
+           "at_active_compute", "efficiency_leverage", "granularity", "leverage_of", "optimal_granularity",
+           "segmented", "training_compute"]

@@ -1,8 +1,8 @@
 """Figures of what designs and layouts cost: plain functions from numbers to matplotlib figures.
 
     leverage_curve(compute=1e22, mark=(0.25, 2.0))       # Ling's EL against activation ratio
-    design_bars(explorer.sweep(designs))                 # params, memory, bytes per design
-    plan_breakdown(plans[0])                             # memory and step time of one plan
+    design_bars(explorer.sweep(designs))                 # params, FLOPs, memory, bytes per design
+    plan_breakdown(explorer.breakdown(), "e8 t2 ...")   # memory, bytes and step time of one plan
 """
 
 import matplotlib.pyplot as plt
@@ -29,49 +29,52 @@ def leverage_curve(compute: float = 1e22, granularities=(2, 4, 8, 12, 16, 32), m
     return fig
 
 
+def _bars(ax, names, series, title):
+    """Grouped bars: `series` is [(label, values per name)], one bar per label and name."""
+    x, width = np.arange(len(names)), 0.8 / len(series)
+    for j, (label, values) in enumerate(series):
+        ax.bar(x + j * width, values, width, label=label)
+    ax.set_xticks(x + 0.4 - width / 2, names, rotation=30, fontsize=7)
+    ax.set_title(title, fontsize=9)
+    if len(series) > 1:
+        ax.legend(fontsize=7)
+
+
 def design_bars(rows):
-    """Total and active parameters, memory per device and bytes per step of each design row
-    (`SparsityExplorer.row`), side by side."""
+    """Four panels over design rows (`SparsityExplorer.row`): total and active parameters,
+    FLOPs per token (all and in the experts), memory per device, bytes sent per step."""
     names = [r["design"] for r in rows]
-    panels = [("parameters (M)", [(r["params_total"] / 1e6, r["params_active"] / 1e6) for r in rows]),
-              ("memory per device (MB)", [(r["memory_per_device"] / 1e6,) for r in rows]),
-              ("bytes sent per step (MB)", [(r["comm_per_step"] / 1e6,) for r in rows])]
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.2))
-    x = np.arange(len(rows))
-    for ax, (title, values) in zip(axes, panels, strict=True):
-        width = 0.8 / len(values[0])
-        for j in range(len(values[0])):
-            ax.bar(x + j * width, [v[j] for v in values], width,
-                   label=("total", "active")[j] if len(values[0]) > 1 else None)
-        ax.set_xticks(x + 0.4 - width / 2, names, rotation=30, fontsize=7)
-        ax.set_title(title, fontsize=9)
-        if len(values[0]) > 1:
-            ax.legend(fontsize=7)
+    col = lambda key, scale: [r[key] / scale for r in rows]
+    fig, axes = plt.subplots(1, 4, figsize=(12, 3.2))
+    _bars(axes[0], names, [("total", col("params_total", 1e6)), ("active", col("params_active", 1e6))],
+          "parameters (M)")
+    _bars(axes[1], names, [("all", col("flops_per_token", 1e6)),
+                           ("experts", col("expert_flops_per_token", 1e6))], "forward FLOPs per token (M)")
+    _bars(axes[2], names, [("", col("memory_per_device", 1e6))], "memory per device (MB)")
+    _bars(axes[3], names, [("", col("comm_per_step", 1e6))], "bytes sent per step (MB)")
     fig.tight_layout()
     return fig
 
 
-def plan_breakdown(plan):
-    """Two bars for one `toolkit.analysis.planner.Plan`: memory per device by kind, and
-    step time by part (compute, exposed collectives per axis, bubble)."""
-    mem = plan.time.costs.memory
-    kinds = ("params", "optimizer", "gradients", "activations", "gathered")
-    parts = {k: v for k, v in plan.time.breakdown.items() if v > 0 and not k.startswith("overlapped_")}
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 2.6))
-    left = 0.0
-    for k in kinds:
-        a1.barh([0], [mem[k] / 1e9], left=left, label=k)
-        left += mem[k] / 1e9
-    a1.set_yticks([])
-    a1.set_xlabel("GB per device")
-    a1.legend(fontsize=7, ncol=3)
+def _stacked(ax, parts: dict, xlabel: str) -> None:
     left = 0.0
     for k, v in parts.items():
-        a2.barh([0], [v], left=left, label=k)
+        ax.barh([0], [v], left=left, label=k)
         left += v
-    a2.set_yticks([])
-    a2.set_xlabel("seconds per step")
-    a2.legend(fontsize=7, ncol=3)
-    fig.suptitle(plan.label, fontsize=9)
+    ax.set_yticks([])
+    ax.set_xlabel(xlabel)
+    ax.legend(fontsize=6, ncol=2)
+
+
+def plan_breakdown(parts: dict, title: str = ""):
+    """Three stacked bars of one plan's `parts` (`PlanningExplorer.breakdown`): memory per
+    device by kind (GB), bytes one device sends per step by axis and collective (GB), and
+    step time by part (s)."""
+    fig, axes = plt.subplots(1, 3, figsize=(12, 2.8))
+    _stacked(axes[0], parts["memory"], "GB per device")
+    _stacked(axes[1], parts["communication"], "GB sent per device per step")
+    _stacked(axes[2], parts["time"], "seconds per step")
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
