@@ -28,6 +28,10 @@ def _parser():
                         ("config", "print every config key with its value and meaning")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("--preset", default="tiny", help="preset name (default: tiny)")
+        s.add_argument("--config", default=None, metavar="FILE.json",
+                       help="a JSON config, whole or in part, shaped like runs/NAME/config.json, "
+                            "e.g. {\"moe\": {\"num_experts\": 16}}; applied over --preset, "
+                            "before --mesh and --set")
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="dotted override, e.g. moe.num_experts=16 (repeatable)")
         s.add_argument("--mesh", default=None, metavar="AXIS=N,...",
@@ -37,7 +41,7 @@ def _parser():
                        help="parallelism recipe: dp, fsdp, tp, ep, fsdp_ep, fsdp_tp_ep (default) "
                             "or folded; same as --set parallel.recipe=...")
         if name in ("train", "inspect"):
-            s.add_argument("--devices", type=int, default=8,
+            s.add_argument("--devices", type=_positive, default=8,
                            help="simulated devices when running on CPU (default: 8)")
         if name == "inspect":
             s.add_argument("--costs", action="store_true",
@@ -65,7 +69,7 @@ def _parser():
                    help="hold mesh axes at these sizes, e.g. tensor=2,pipeline=4")
     s.add_argument("--remat", choices=("both", "on", "off"), default="both",
                    help="rematerialise each layer in the backward: try both (default), on or off")
-    s.add_argument("--top", type=int, default=10, help="plans to list (default: 10)")
+    s.add_argument("--top", type=_positive, default=10, help="plans to list (default: 10)")
     s = sub.add_parser("launch", help="run a command as several local JAX processes",
                        description="python -m toolkit launch --processes 2 -- train --preset "
                                    "tiny --mesh data=2,expert=4")
@@ -77,21 +81,35 @@ def _parser():
     return p
 
 
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give e.g. 8") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1, e.g. 8")
+    return value
+
+
 def _mesh_overrides(text):
     if not text:
         return []
     out = []
     for part in text.split(","):
         if "=" not in part:
-            raise SystemExit(f"--mesh {text!r}: write axis=size pairs, e.g. --mesh data=2,fsdp=4")
+            from toolkit.config import ConfigError
+            raise ConfigError(f"--mesh {text!r}: write axis=size pairs, e.g. --mesh data=2,fsdp=4")
         axis, size = part.split("=", 1)
         out.append(f"parallel.{axis.strip()}={size.strip()}")
     return out
 
 
 def _config(args):
-    from toolkit.config import apply_overrides, preset
+    from toolkit.config import apply_overrides, config_file_overrides, preset
     cfg = preset(args.preset)
+    if args.config:
+        cfg = apply_overrides(cfg, config_file_overrides(args.config, cfg))
     if args.mesh:
         import dataclasses
 
@@ -150,6 +168,9 @@ def main(argv=None) -> int:
             return 0
         from toolkit.training import Trainer
         out = args.out or os.path.join("runs", cfg.name)
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise ConfigError(f"--out {out!r} is a file; the run directory must be a folder, e.g. "
+                              f"--out runs/{cfg.name}")
         trainer = Trainer(cfg, out_dir=out, resume=args.resume, progress=not args.no_progress)
         try:
             trainer.run()

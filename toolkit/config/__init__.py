@@ -9,7 +9,7 @@ overrides, the same way from the CLI, a notebook or a widget:
     validate(cfg, num_devices=8)   # raises ConfigError naming field, value and a fix
 """
 
-from toolkit.config.overrides import all_keys, apply_overrides, describe
+from toolkit.config.overrides import all_keys, apply_overrides, config_file_overrides, describe
 from toolkit.config.presets import (
                                     PRESETS,
                                     RECIPES,
@@ -39,7 +39,7 @@ from toolkit.config.validate import config_or_error, validate
 
 __all__ = [
     "PRESETS", "RECIPES", "Config", "ConfigError", "DataConfig", "KernelConfig", "MoEConfig", "ModelConfig",
-    "config_or_error",
+    "config_file_overrides", "config_or_error",
     "ParallelConfig", "PrecisionConfig", "TrainConfig", "all_keys", "apply_overrides",
     "deepseek_v3", "dense_twin", "describe",
     "from_dict", "ling_mini_2", "mixtral_8x7b", "precision_recipe", "preset", "qwen3_30b_a3b", "small",

@@ -46,7 +46,8 @@ def _mesh_errors(cfg: Config, num_devices) -> list:
     fixed = math.prod(v for v in sizes.values() if v != -1)
     if fill and num_devices % fixed:
         errors.append(f"parallel.{fill[0]}=-1 cannot fill {num_devices} devices: the other axes "
-                      f"multiply to {fixed}, which does not divide {num_devices}")
+                      f"multiply to {fixed}, which does not divide {num_devices}; make them multiply "
+                      f"to one of {[d for d in range(1, num_devices + 1) if num_devices % d == 0]}")
     elif not fill and fixed != num_devices:
         shape = ",".join(f"{k}={v}" for k, v in sizes.items() if v != 1) or "all 1"
         errors.append(f"parallel mesh ({shape}) has {fixed} devices but {num_devices} are "

@@ -27,6 +27,7 @@ from toolkit.config import ConfigError, DataConfig
 from toolkit.data.tokenizer import ByteTokenizer
 
 _PIECE_BYTES = 16_384
+_MAX_PATH_BYTES = 4 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,19 +73,40 @@ def _code_documents(max_bytes: int):
 
 
 def _path_documents(path: Path):
+    """Documents of one `data.paths` entry: every regular file under it that holds text, cut
+    into pieces of `_PIECE_BYTES` (so a file of one huge line is fine). Empty files and
+    binary ones (a NUL byte in the first 4 KiB) are skipped, and named if nothing is left."""
     if not path.exists():
         raise ConfigError(f"data.paths entry {str(path)!r} does not exist; give text files or "
                           f"folders of them, e.g. --set data.paths=notes/,book.txt")
+    if not (path.is_dir() or path.is_file()):
+        raise ConfigError(f"data.paths entry {str(path)!r} is not a regular file or folder (a device, "
+                          f"pipe or socket); give text files or folders of them")
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    docs = []
+    total = sum(f.stat().st_size for f in files)
+    if total > _MAX_PATH_BYTES:
+        raise ConfigError(f"data.paths entry {str(path)!r} holds {total / 2**30:.1f} GiB; the corpus is "
+                          f"read into memory, so give at most {_MAX_PATH_BYTES / 2**30:.0f} GiB (a sample)")
+    docs, skipped = [], {"empty": [], "binary": []}
     for f in files:
-        data = f.read_bytes()
-        if b"\x00" in data[:4096]:
+        try:
+            data = f.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"data.paths: cannot read {str(f)!r} ({e.strerror}); fix its permissions "
+                              f"or leave it out") from None
+        if not data.strip():
+            skipped["empty"].append(f.name)
             continue
-        for i in range(0, max(1, len(data)), _PIECE_BYTES):
+        if b"\x00" in data[:4096]:
+            skipped["binary"].append(f.name)
+            continue
+        for i in range(0, len(data), _PIECE_BYTES):
             docs.append((f"{f}:{i // _PIECE_BYTES}", data[i:i + _PIECE_BYTES]))
     if not docs:
-        raise ConfigError(f"data.paths entry {str(path)!r} holds no text files")
+        why = "; ".join(f"{kind}: {', '.join(names[:5])}" for kind, names in skipped.items() if names)
+        raise ConfigError(f"data.paths entry {str(path)!r} holds no text" + (f" (skipped {why})" if why
+                                                                            else " (no files)")
+                          + "; give UTF-8 or other text files")
     return docs
 
 
