@@ -30,6 +30,10 @@ class ModelConfig:
         combines the previous depth's hidden state with the embedding of token t+j, runs one
         more dense block, and predicts token t+j+1 through the shared output projection.
       mtp_loss_weight: weight of the mean MTP cross-entropy added to the loss (0.1 in Ling 2.0).
+      attention_bias: add learned biases to the q, k and v projections (Qwen2-MoE).
+      qk_norm: RMS-normalise queries and keys before RoPE: "" (off), "head" (each head over
+        head_dim, one scale per head_dim entry shared by the heads; Qwen3-MoE) or "full" (the
+        whole q and k projections over heads * head_dim, one scale per entry; OLMoE).
     """
 
     vocab_size: int = 264
@@ -46,6 +50,8 @@ class ModelConfig:
     tie_embeddings: bool = False
     mtp_layers: int = 0
     mtp_loss_weight: float = 0.1
+    attention_bias: bool = False
+    qk_norm: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -183,6 +183,13 @@ def validate(cfg: Config, num_devices: int | None = None, domain_tokens: dict | 
         errors.append(f"model.mtp_loss_weight={m.mtp_loss_weight} must be >= 0; use 0.1")
     if m.dtype not in _DTYPES:
         errors.append(f"model.dtype={m.dtype!r} is not supported; use one of {_DTYPES}")
+    if m.qk_norm not in ("", "head", "full"):
+        errors.append(f"model.qk_norm={m.qk_norm!r} is unknown; use '' (off), 'head' (Qwen3-MoE) "
+                      f"or 'full' (OLMoE)")
+    if m.qk_norm == "full" and cfg.parallel.sequence_parallel and cfg.parallel.tensor > 1:
+        errors.append("model.qk_norm='full' with parallel.sequence_parallel and parallel.tensor="
+                      f"{cfg.parallel.tensor} is not supported (the norm spans heads split over "
+                      "tensor); use qk_norm='head' or parallel.sequence_parallel=false")
 
     if moe.num_experts < 0:
         errors.append(f"moe.num_experts={moe.num_experts} must be >= 0 (0 = dense model)")

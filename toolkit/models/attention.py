@@ -6,6 +6,12 @@ goes through `pallas_kernels.flash_attention`: Pallas flash attention on GPU and
 `jax.nn.dot_product_attention` on CPU, or the backend named by `impl`
 (`KernelConfig.attention`).
 
+Two projection options that Hugging Face MoE checkpoints use: `model.attention_bias` adds
+biases to the q, k and v projections (Qwen2-MoE), and `model.qk_norm` RMS-normalises the
+queries and keys before RoPE, either each head over head_dim ("head", Qwen3-MoE) or the
+whole projection over heads * head_dim ("full", OLMoE). `_project_qkv` is the one place
+where q, k and v are made.
+
     attn = Attention(cfg.model, rngs=nnx.Rngs(0))
     y_btd = attn(x_btd, positions_bt)
 
@@ -17,11 +23,13 @@ projections (`toolkit.sharding.tensor_parallel`).
 import functools
 import math
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels import flash_attention
 from toolkit.config import ModelConfig
-from toolkit.models.layers import param, rope
+from toolkit.models.layers import param, rms_norm, rope
 from toolkit.precision.fake_quant import linear, quantize_kv, quantize_weight
 from toolkit.sharding.context_parallel import context_attention
 from toolkit.sharding.tensor_parallel import psum_if, tensor_parallel
@@ -39,6 +47,16 @@ class Attention(nnx.Module):
         self.w_k = param(rngs, (d, k, h), ("embed", "kv_heads", "kv"))
         self.w_v = param(rngs, (d, k, h), ("embed", "kv_heads", "kv"))
         self.w_o = param(rngs, (n, h, d), ("heads", "kv", "embed"), fan_in=n * h)
+        zeros, ones = nnx.initializers.zeros, nnx.initializers.ones
+        self.b_q = _const(zeros, (n, h), ("heads", "kv")) if cfg.attention_bias else None
+        self.b_k = _const(zeros, (k, h), ("kv_heads", "kv")) if cfg.attention_bias else None
+        self.b_v = _const(zeros, (k, h), ("kv_heads", "kv")) if cfg.attention_bias else None
+        full = cfg.qk_norm == "full"
+        self.q_norm = (_const(ones, (n, h) if full else (h,), ("heads", "kv") if full else ("kv",))
+                       if cfg.qk_norm else None)
+        self.k_norm = (_const(ones, (k, h) if full else (h,), ("kv_heads", "kv") if full else ("kv",))
+                       if cfg.qk_norm else None)
+        self.qk_norm, self.norm_eps = cfg.qk_norm, cfg.norm_eps
         self.rope_theta = cfg.rope_theta
         self.impl = impl or None
         self.tp_chunks = tp_chunks
@@ -50,8 +68,15 @@ class Attention(nnx.Module):
                    (_quantized(self.w_k[...].astype(dt), 1), ("embed", "kv_heads", "kv")),
                    (_quantized(self.w_v[...].astype(dt), 1), ("embed", "kv_heads", "kv")),
                    (_quantized(self.w_o[...].astype(dt), 2), ("heads", "kv", "embed"))]
+        names = []
+        for name in ("b_q", "b_k", "b_v", "q_norm", "k_norm"):
+            v = getattr(self, name)
+            if v is not None:
+                names.append(name)
+                weights.append((v[...].astype(dt), v.get_metadata()["logical_axes"]))
         local = functools.partial(_attention, theta=self.rope_theta, impl=self.impl,
-                                  context=self.context)
+                                  context=self.context, extras=tuple(names), qk_norm=self.qk_norm,
+                                  eps=self.norm_eps)
         return tensor_parallel(local, x_btd, weights, split=("heads", "kv_heads"),
                                extra=(positions_bt,), chunks=self.tp_chunks, sequence_axis=True)
 
@@ -61,14 +86,49 @@ def _quantized(w, k_dims: int):
     return quantize_weight(w.reshape(math.prod(w.shape[:k_dims]), -1), "attention").reshape(w.shape)
 
 
-def _attention(x_btd, positions_bt, w_q, w_k, w_v, w_o, *, theta, impl, context, tensor_axis,
-               sequence_axis):
+def _const(init, shape, names) -> nnx.Param:
+    """A float32 parameter `init(shape)` (zeros for biases, ones for norm scales)."""
+    return nnx.Param(init(None, shape, jnp.float32), logical_axes=tuple(names))
+
+
+def _project_qkv(x_btd, positions_bt, w_q, w_k, w_v, *, theta, qk_norm, eps, tensor_axis,
+                 b_q=None, b_k=None, b_v=None, q_norm=None, k_norm=None):
+    """Queries and keys (biased, normed, rotated) and values of one device's heads:
+    q `[B, S, N_local, h]`, k and v `[B, S, K_local, h]`."""
+    q_btnh = linear(x_btd, w_q, "attention")
+    k_btkh = linear(x_btd, w_k, "attention")
+    v_btkh = linear(x_btd, w_v, "attention")
+    if b_q is not None:
+        q_btnh, k_btkh, v_btkh = q_btnh + b_q, k_btkh + b_k, v_btkh + b_v
+    if qk_norm == "head":
+        q_btnh, k_btkh = rms_norm(q_btnh, q_norm, eps), rms_norm(k_btkh, k_norm, eps)
+    elif qk_norm == "full":
+        q_btnh = _full_rms_norm(q_btnh, q_norm, eps, tensor_axis)
+        k_btkh = _full_rms_norm(k_btkh, k_norm, eps, tensor_axis)
+    q_btnh = rope(q_btnh, positions_bt, theta)
+    k_btkh = quantize_kv(rope(k_btkh, positions_bt, theta))
+    return q_btnh, k_btkh, quantize_kv(v_btkh)
+
+
+def _full_rms_norm(x_btnh, scale_nh, eps, tensor_axis):
+    """RMSNorm of each token over all heads * head_dim, in float32; the heads may be split
+    over `tensor_axis`, so the sum of squares is added over it."""
+    x32 = x_btnh.astype(jnp.float32)
+    n_total = x_btnh.shape[-2] * (jax.lax.psum(1, tensor_axis) if tensor_axis else 1)
+    sq_bt = psum_if(jnp.sum(x32 * x32, axis=(-2, -1), keepdims=True), tensor_axis)
+    y = x32 * jax.lax.rsqrt(sq_bt / (n_total * x_btnh.shape[-1]) + eps)
+    return (y * scale_nh).astype(x_btnh.dtype)
+
+
+def _attention(x_btd, positions_bt, w_q, w_k, w_v, w_o, *extra, theta, impl, context, extras,
+               qk_norm, eps, tensor_axis, sequence_axis):
     """Attention on one device's heads: x `[B, S, d]`, w_q `[d, N_local, h]`, w_k, w_v
-    `[d, K_local, h]`, w_o `[N_local, h, d]`; the output projections summed over devices.
-    With `sequence_axis`, x holds `[B, S/n, d]` pieces and attention is context-parallel."""
-    q_btnh = rope(linear(x_btd, w_q, "attention"), positions_bt, theta)
-    k_btkh = quantize_kv(rope(linear(x_btd, w_k, "attention"), positions_bt, theta))
-    v_btkh = quantize_kv(linear(x_btd, w_v, "attention"))
+    `[d, K_local, h]`, w_o `[N_local, h, d]`, then the arrays named in `extras` (biases, norm
+    scales); the output projections summed over devices. With `sequence_axis`, x holds
+    `[B, S/n, d]` pieces and attention is context-parallel."""
+    q_btnh, k_btkh, v_btkh = _project_qkv(
+        x_btd, positions_bt, w_q, w_k, w_v, theta=theta, qk_norm=qk_norm, eps=eps,
+        tensor_axis=tensor_axis, **dict(zip(extras, extra, strict=True)))
     if sequence_axis:
         o_btnh = context_attention(q_btnh, k_btkh, v_btkh, sequence_axis, context)
     else:
