@@ -68,12 +68,14 @@ class Attention(nnx.Module):
                    (_quantized(self.w_k[...].astype(dt), 1), ("embed", "kv_heads", "kv")),
                    (_quantized(self.w_v[...].astype(dt), 1), ("embed", "kv_heads", "kv")),
                    (_quantized(self.w_o[...].astype(dt), 2), ("heads", "kv", "embed"))]
-        names = []
-        for name in ("b_q", "b_k", "b_v", "q_norm", "k_norm"):
-            v = getattr(self, name)
-            if v is not None:
-                names.append(name)
-                weights.append((v[...].astype(dt), v.get_metadata()["logical_axes"]))
+        full = self.qk_norm == "full"
+        names = [name for name in ("b_q", "b_k", "b_v", "q_norm", "k_norm")
+                 if getattr(self, name) is not None]
+        # Logical names spelled out: under a pipeline the variables' own carry stage axes.
+        axes = {"b_q": ("heads", "kv"), "b_k": ("kv_heads", "kv"), "b_v": ("kv_heads", "kv"),
+                "q_norm": ("heads", "kv") if full else ("kv",),
+                "k_norm": ("kv_heads", "kv") if full else ("kv",)}
+        weights += [(getattr(self, name)[...].astype(dt), axes[name]) for name in names]
         local = functools.partial(_attention, theta=self.rope_theta, impl=self.impl,
                                   context=self.context, extras=tuple(names), qk_norm=self.qk_norm,
                                   eps=self.norm_eps)
