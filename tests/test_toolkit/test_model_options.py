@@ -7,9 +7,11 @@ import pytest
 from conftest import micro
 from flax import nnx
 
+from toolkit.analysis import count_params
 from toolkit.config import ConfigError, ModelConfig, validate
 from toolkit.models import Attention
 from toolkit.models.layers import rope
+from toolkit.models.transformer import Transformer
 from toolkit.training.inspect import loss_and_grads
 
 
@@ -68,8 +70,39 @@ def test_full_qk_norm_under_tensor_parallelism_equals_single_device():
     ({"qk_norm": "layer"}, {}, "model.qk_norm='layer' is unknown"),
     ({"qk_norm": "full"}, {"data": 4, "tensor": 2, "recipe": "tp", "sequence_parallel": True},
      "model.qk_norm='full' with parallel.sequence_parallel"),
+    ({"moe": {"shared_expert_gate": True}}, {}, "need a shared expert; set moe.num_shared_experts=1"),
+    ({"moe": {"num_shared_experts": 1, "d_shared_expert": -4}}, {}, "moe.d_shared_expert=-4 must be >= 0"),
+    ({"moe": {"num_shared_experts": 1, "d_shared_expert": 33}}, {"data": 4, "tensor": 2, "recipe": "tp"},
+     "moe.d_shared_expert=33 is not divisible by mesh axis tensor=2"),
 ])
 def test_bad_model_options_are_refused(model, parallel, message):
-    cfg = micro(model=model, parallel=parallel)
+    moe = model.pop("moe", {})
+    cfg = micro(model=model, moe=moe, parallel=parallel)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         validate(cfg, num_devices=8)
+
+
+@pytest.mark.parametrize("model,moe", [
+    ({"attention_bias": True, "qk_norm": "head"}, {}),
+    ({"qk_norm": "full"}, {"num_shared_experts": 1, "d_shared_expert": 48, "shared_expert_gate": True}),
+    ({}, {"num_shared_experts": 2, "shared_expert_gate": True}),
+], ids=["bias_head", "full_shared_width_gate", "gate"])
+def test_param_count_covers_the_options(model, moe):
+    cfg = micro(model=model, moe=moe)
+    net = Transformer(cfg, rngs=nnx.Rngs(0))
+    assert count_params(cfg)[0] == sum(x.size for x in jax.tree.leaves(nnx.state(net, nnx.Param)))
+    shared = net.blocks[0].ffn.shared
+    width = 0 if shared is None else shared.w_up.get_value().shape[1]
+    assert width == cfg.moe.shared_width(cfg.model.d_ff)
+
+
+def test_shared_expert_gate_scales_the_shared_output():
+    cfg = micro(moe={"num_shared_experts": 1, "d_shared_expert": 48, "shared_expert_gate": True})
+    layer = Transformer(cfg, rngs=nnx.Rngs(0)).blocks[0].ffn
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, cfg.model.d_model))
+    y, _, _ = layer(x)
+    gate = jax.nn.sigmoid(x @ layer.w_shared_gate[...])
+    layer.w_shared_gate = None
+    shared = layer.shared(x)
+    layer.shared = None
+    np.testing.assert_allclose(y, layer(x)[0] + gate * shared, rtol=1e-5, atol=1e-6)

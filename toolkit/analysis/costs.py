@@ -105,7 +105,7 @@ def forward_flops(cfg: Config, *, causal: bool = False) -> dict:
     mlp = 2 * 3 * d * m.d_ff
     mtp = m.mtp_layers * (2 * 2 * d * d + attn_proj + scores + mlp + 2 * d * m.vocab_size)
     return {"attention": m.num_layers * attn_proj, "attention_scores": m.num_layers * scores,
-            "dense": n_dense * mlp, "shared": n_moe * 2 * 3 * d * moe.num_shared_experts * width,
+            "dense": n_dense * mlp, "shared": n_moe * 2 * 3 * d * moe.shared_width(m.d_ff),
             "router": n_moe * router, "experts": n_moe * experts, "head": 2 * d * m.vocab_size,
             "mtp": mtp}
 
@@ -286,7 +286,7 @@ def activation_bytes(cfg: Config, sizes: dict, *, remat: bool, platform: str = "
     if moe.dispatch == "capacity":
         rows = moe.capacity_factor
     moe_act = (2 * d + moe.num_routed + rows * moe.top_k * (2 * d + 3 * width)
-               + 3 * moe.num_shared_experts * width / tp)
+               + 3 * moe.shared_width(m.d_ff) / tp)
     moe_act *= sizes["sequence"]     # a dispatch group gathers whole sequences (see work_split)
     n_moe = len(moe_layer_indices(cfg))
     layers = [attn + mlp] * (m.num_layers - n_moe) + [attn + moe_act] * n_moe

@@ -34,6 +34,9 @@ def _local_experts(cfg: Config) -> int:
 def count_params(cfg: Config) -> tuple:
     m, moe = cfg.model, cfg.moe
     attn = m.d_model * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
+    attn += m.head_dim * (m.num_heads + 2 * m.num_kv_heads) if m.attention_bias else 0
+    attn += {"": 0, "head": 2 * m.head_dim,
+             "full": (m.num_heads + m.num_kv_heads) * m.head_dim}.get(m.qk_norm, 0)
     norms = 2 * m.d_model
     dense_mlp = 3 * m.d_model * m.d_ff
     width = moe.expert_width(m.d_ff)
@@ -41,7 +44,8 @@ def count_params(cfg: Config) -> tuple:
     bigmac = 2 * m.d_model * d_in if moe.bigmac_ratio else 0
     expert = 3 * d_in * width
     small = moe.small_experts * 3 * d_in * moe.d_small_expert
-    shared = 3 * m.d_model * moe.num_shared_experts * width
+    shared = 3 * m.d_model * moe.shared_width(m.d_ff) + (
+        m.d_model if moe.shared_expert_gate and moe.num_shared_experts else 0)
     per_layer = _router(cfg) + shared + bigmac + _local_experts(cfg)
     n_moe = len(moe_layer_indices(cfg))
     n_dense = m.num_layers - n_moe

@@ -124,7 +124,7 @@ def dense_moe_flops(cfg) -> float:
     m, moe = cfg.model, cfg.moe
     d, n, p = m.d_model, moe.num_routed, moe.recurrent_dim
     router = 2.0 * (d * p + 3 * p * p * 2 + p * n) if moe.router == "recurrent" else 2.0 * d * n
-    shared = 6.0 * d * moe.num_shared_experts * moe.expert_width(m.d_ff)
+    shared = 6.0 * d * moe.shared_width(m.d_ff)
     bigmac = 4.0 * d * round(moe.bigmac_ratio * d)
     h = moe.d_gru_expert
     gru = moe.gru_experts * 2.0 * (d * 3 * h + h * 3 * h + h * d)

@@ -63,6 +63,10 @@ class MoEConfig:
       top_k: experts chosen per token.
       d_expert: hidden width of one routed expert (SwiGLU).
       num_shared_experts: always-on experts of width d_expert, added to the routed output.
+      d_shared_expert: when > 0, the hidden width of the shared experts together instead of
+        num_shared_experts * d_expert (Qwen2-MoE's shared_expert_intermediate_size).
+      shared_expert_gate: scale the shared experts' output per token by sigmoid(x W_s), W_s
+        `[d_model, 1]` (Qwen2-MoE).
       moe_every: every n-th layer is MoE (layers n-1, 2n-1, ...); 1 makes every layer MoE.
       first_dense_layers: this many leading layers stay dense whatever moe_every says.
       expert_fraction: when > 0, d_expert is this fraction of model.d_ff instead (fine-grained
@@ -132,6 +136,8 @@ class MoEConfig:
     top_k: int = 2
     d_expert: int = 256
     num_shared_experts: int = 0
+    d_shared_expert: int = 0
+    shared_expert_gate: bool = False
     moe_every: int = 1
     first_dense_layers: int = 0
     expert_fraction: float = 0.0
@@ -185,6 +191,13 @@ class MoEConfig:
     def expert_width(self, d_ff: int) -> int:
         """Hidden width of a (big) routed expert: expert_fraction * d_ff, or d_expert."""
         return max(1, round(self.expert_fraction * d_ff)) if self.expert_fraction else self.d_expert
+
+    def shared_width(self, d_ff: int) -> int:
+        """Hidden width of the shared experts together (0 without any): d_shared_expert, or
+        num_shared_experts routed-expert widths."""
+        if not self.num_shared_experts:
+            return 0
+        return self.d_shared_expert or self.num_shared_experts * self.expert_width(d_ff)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -281,6 +294,13 @@ class TrainConfig:
       microbatches: split each batch into this many micro-batches whose gradients are
         accumulated into one optimizer step (the loss is their mean); with
         `parallel.pipeline > 1` these are the pipeline's micro-batches (m).
+      nonfinite: what a step whose loss or gradient norm is NaN or infinite does. Either
+        way that step changes neither parameters nor optimizer state and is logged as
+        skipped. "skip" (default: one bad batch or spike costs one step, not the run)
+        continues; "stop" ends the run with an error naming the step and the value,
+        keeping the last checkpoint (a checkpoint is never saved holding NaN).
+      max_skipped_steps: with "skip", end the run like "stop" after this many skipped
+        steps in a row (a diverged run skips every step).
     """
 
     steps: int = 300
@@ -299,6 +319,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     microbatches: int = 1
+    nonfinite: str = "skip"
+    max_skipped_steps: int = 10
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -162,7 +162,7 @@ def validate(cfg: Config, num_devices: int | None = None, domain_tokens: dict | 
     for key in ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff", "seq_len"):
         _positive(errors, f"model.{key}", getattr(m, key))
     for key in ("steps", "batch_size", "eval_batches", "keep_checkpoints", "log_every",
-                "microbatches"):
+                "microbatches", "max_skipped_steps"):
         _positive(errors, f"train.{key}", getattr(t, key))
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
@@ -225,6 +225,12 @@ def validate(cfg: Config, num_devices: int | None = None, domain_tokens: dict | 
                           f"{m.num_layers}; use moe_every <= {m.num_layers}")
     if moe.num_shared_experts < 0:
         errors.append(f"moe.num_shared_experts={moe.num_shared_experts} must be >= 0")
+    if moe.d_shared_expert < 0:
+        errors.append(f"moe.d_shared_expert={moe.d_shared_expert} must be >= 0 (0 = "
+                      f"num_shared_experts * d_expert)")
+    if (moe.d_shared_expert > 0 or moe.shared_expert_gate) and moe.num_shared_experts < 1:
+        errors.append(f"moe.d_shared_expert={moe.d_shared_expert} and moe.shared_expert_gate="
+                      f"{moe.shared_expert_gate} need a shared expert; set moe.num_shared_experts=1")
     if moe.aux_loss_weight < 0 or moe.z_loss_weight < 0:
         errors.append(f"moe.aux_loss_weight={moe.aux_loss_weight} and moe.z_loss_weight="
                       f"{moe.z_loss_weight} must be >= 0")
@@ -255,6 +261,8 @@ def validate(cfg: Config, num_devices: int | None = None, domain_tokens: dict | 
     for key in ("eval_every", "checkpoint_every"):
         if getattr(t, key) < 0:
             errors.append(f"train.{key}={getattr(t, key)} must be >= 0 (0 = only at the end)")
+    if t.nonfinite not in ("skip", "stop"):
+        errors.append(f"train.nonfinite={t.nonfinite!r} is unknown; use 'skip' or 'stop'")
 
     if d.corpus not in _CORPORA:
         errors.append(f"data.corpus={d.corpus!r} is unknown; use one of {_CORPORA}")
@@ -420,7 +428,8 @@ def _recipe_errors(cfg: Config, sizes: dict, num_devices) -> list:
                       f"{ep}) is not supported: set moe.small_experts=0 or the expert axis to 1")
     for key, value, name in (("model.num_heads", m.num_heads, "heads"),
                              ("model.num_kv_heads", m.num_kv_heads, "kv_heads"),
-                             ("model.d_ff", m.d_ff, "mlp"), ("model.vocab_size", m.vocab_size, "vocab")):
+                             ("model.d_ff", m.d_ff, "mlp"), ("model.vocab_size", m.vocab_size, "vocab"),
+                             ("moe.d_shared_expert", moe.d_shared_expert, "mlp")):
         n, axes = split(name)
         if value % n:
             errors.append(f"{key}={value} is not divisible by mesh axis {axes}={n}; "

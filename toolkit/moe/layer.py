@@ -16,7 +16,8 @@ The router chooses among `moe.num_routed` experts: the FFN experts (big, then sm
 which dispatch sends through the grouped matmuls, and the local experts (MoE++ zero, copy
 and constant experts; GRU experts), which `LocalExperts` computes in place and dispatch
 routes around. Shared experts (DeepSeekMoE) are one dense SwiGLU of width
-`num_shared_experts * d_expert` that every token passes through.
+`num_shared_experts * d_expert` (or `moe.d_shared_expert`) that every token passes through;
+with `moe.shared_expert_gate` (Qwen2-MoE) its output is scaled by `sigmoid(x W_s)` per token.
 
 BigMac (DCCA, Jin et al. 2025) moves narrower tokens: the router reads the full x, but the
 FFN experts see `x W_descend` of width `r * d` (`moe.bigmac_ratio`), so dispatch carries
@@ -120,9 +121,11 @@ class MoELayer(nnx.Module):
                                activation=cfg.expert_activation, gmm_impl=gmm_impl, rngs=rngs)
         self.local = LocalExperts(d_model, cfg, rngs=rngs) if cfg.num_local_experts else None
         chunks = parallel.overlap_chunks if parallel is not None else 1
-        self.shared = (SwiGLU(d_model, cfg.num_shared_experts * d_expert, tp_chunks=chunks, kind="experts",
-                              rngs=rngs)
+        d_shared = cfg.d_shared_expert or cfg.num_shared_experts * d_expert
+        self.shared = (SwiGLU(d_model, d_shared, tp_chunks=chunks, kind="experts", rngs=rngs)
                        if cfg.num_shared_experts else None)
+        self.w_shared_gate = (param(rngs, (d_model, 1), ("embed", None))
+                              if cfg.shared_expert_gate and cfg.num_shared_experts else None)
 
     def num_groups(self, batch: int) -> int:
         """Dispatch groups: `moe.dispatch_groups`, or (0) one per batch shard of the mesh."""
@@ -162,7 +165,10 @@ class MoELayer(nnx.Module):
         if self.local is not None:
             y_btd = y_btd + self.local(x_btd, *(a.reshape(b, s, -1) for a in
                                                 (routing.weights, routing.expert_ids, routing.valid)))
-        if self.shared is not None:
+        if self.w_shared_gate is not None:
+            gate_bt1 = jax.nn.sigmoid(x_btd @ self.w_shared_gate[...].astype(x_btd.dtype))
+            y_btd = y_btd + gate_bt1 * self.shared(x_btd)
+        elif self.shared is not None:
             y_btd = y_btd + self.shared(x_btd)
         aux = self._aux(routing, kept_gtk, group_sizes_ge, activation_zeros, b)
         return y_btd.astype(x_btd.dtype), aux, routing.state
