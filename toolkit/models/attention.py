@@ -18,6 +18,15 @@ where q, k and v are made.
 On a mesh the heads are split over the tensor-parallel axis (Megatron): each device
 attends with its own query heads and their kv heads, and one all-reduce adds the output
 projections (`toolkit.sharding.tensor_parallel`).
+
+Generation (`toolkit.generation`) attends over a `KVCache` instead: `cached` projects the
+new tokens with the same `_project_qkv`, writes their keys and values at their positions
+into the preallocated cache `[B, max_len, K, h]`, and lets a query at position i see the
+cached keys at positions <= i. Fixed shapes, so one compiled step serves every position;
+it runs on one device (no mesh). `__call__` is untouched by it.
+
+    cache = KVCache.zeros(batch, max_len, cfg.model, jnp.float32)
+    y_btd, cache = attn.cached(x_btd, positions_bt, cache)    # positions: where x's tokens sit
 """
 
 import functools
@@ -25,7 +34,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from pallas_kernels import flash_attention
 from toolkit.config import ModelConfig
@@ -62,8 +71,9 @@ class Attention(nnx.Module):
         self.tp_chunks = tp_chunks
         self.context = context
 
-    def __call__(self, x_btd, positions_bt):
-        dt = x_btd.dtype
+    def _weights(self, dt):
+        """The (quantized) projections, then the biases and norm scales present, each with its
+        logical names; and the names of those extras, in the order they follow."""
         weights = [(_quantized(self.w_q[...].astype(dt), 1), ("embed", "heads", "kv")),
                    (_quantized(self.w_k[...].astype(dt), 1), ("embed", "kv_heads", "kv")),
                    (_quantized(self.w_v[...].astype(dt), 1), ("embed", "kv_heads", "kv")),
@@ -76,11 +86,42 @@ class Attention(nnx.Module):
                 "q_norm": ("heads", "kv") if full else ("kv",),
                 "k_norm": ("kv_heads", "kv") if full else ("kv",)}
         weights += [(getattr(self, name)[...].astype(dt), axes[name]) for name in names]
+        return weights, tuple(names)
+
+    def __call__(self, x_btd, positions_bt):
+        weights, names = self._weights(x_btd.dtype)
         local = functools.partial(_attention, theta=self.rope_theta, impl=self.impl,
-                                  context=self.context, extras=tuple(names), qk_norm=self.qk_norm,
+                                  context=self.context, extras=names, qk_norm=self.qk_norm,
                                   eps=self.norm_eps)
         return tensor_parallel(local, x_btd, weights, split=("heads", "kv_heads"),
                                extra=(positions_bt,), chunks=self.tp_chunks, sequence_axis=True)
+
+    def cached(self, x_btd, positions_bt, cache: "KVCache"):
+        """`(y_btd, cache)`: attention of the tokens `x_btd` at `positions_bt` (int [B, S])
+        over every cached position up to their own, their keys and values written into the
+        cache first. One device, no mesh."""
+        weights, names = self._weights(x_btd.dtype)
+        return _cached_attention(x_btd, positions_bt, cache, *(w for w, _ in weights),
+                                 theta=self.rope_theta, extras=names, qk_norm=self.qk_norm,
+                                 eps=self.norm_eps)
+
+
+@struct.dataclass
+class KVCache:
+    """One layer's keys and values for generation, preallocated to the whole length.
+
+    Attributes:
+      k_blkh: [B, max_len, K, h] keys (biased, normed and rotated as attention uses them).
+      v_blkh: [B, max_len, K, h] values.
+    """
+
+    k_blkh: jax.Array
+    v_blkh: jax.Array
+
+    @classmethod
+    def zeros(cls, batch: int, max_len: int, cfg: ModelConfig, dtype) -> "KVCache":
+        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return cls(k_blkh=jnp.zeros(shape, dtype), v_blkh=jnp.zeros(shape, dtype))
 
 
 def _quantized(w, k_dims: int):
@@ -138,3 +179,26 @@ def _attention(x_btd, positions_bt, w_q, w_k, w_v, w_o, *extra, theta, impl, con
     b, t, n, h = o_btnh.shape
     return psum_if(linear(o_btnh.reshape(b, t, n * h), w_o.reshape(n * h, -1), "attention"),
                    tensor_axis)
+
+
+def _cached_attention(x_btd, positions_bt, cache: KVCache, w_q, w_k, w_v, w_o, *extra, theta,
+                      extras, qk_norm, eps):
+    """`_attention` over a cache on one device: project x `[B, S, d]`, write k and v at
+    `positions_bt` into the cache `[B, L, K, h]`, attend each query to the cached keys at
+    positions <= its own (GQA: query head n reads kv head n // (N/K)), project out."""
+    q_btnh, k_btkh, v_btkh = _project_qkv(
+        x_btd, positions_bt, w_q, w_k, w_v, theta=theta, qk_norm=qk_norm, eps=eps,
+        tensor_axis=None, **dict(zip(extras, extra, strict=True)))
+    rows_b1 = jnp.arange(x_btd.shape[0])[:, None]
+    cache = KVCache(k_blkh=cache.k_blkh.at[rows_b1, positions_bt].set(k_btkh.astype(cache.k_blkh.dtype)),
+                    v_blkh=cache.v_blkh.at[rows_b1, positions_bt].set(v_btkh.astype(cache.v_blkh.dtype)))
+    b, s, n, h = q_btnh.shape
+    kv, max_len = cache.k_blkh.shape[2], cache.k_blkh.shape[1]
+    q_btkgh = q_btnh.reshape(b, s, kv, n // kv, h)
+    scores_bkgtl = jnp.einsum("btkgh,blkh->bkgtl", q_btkgh, cache.k_blkh,
+                              preferred_element_type=jnp.float32) / math.sqrt(h)
+    visible_btl = jnp.arange(max_len)[None, None, :] <= positions_bt[:, :, None]
+    scores_bkgtl = jnp.where(visible_btl[:, None, None], scores_bkgtl, -jnp.inf)
+    p_bkgtl = jax.nn.softmax(scores_bkgtl, axis=-1).astype(cache.v_blkh.dtype)
+    o_btnh = jnp.einsum("bkgtl,blkh->btkgh", p_bkgtl, cache.v_blkh).reshape(b, s, n * h)
+    return linear(o_btnh.astype(x_btd.dtype), w_o.reshape(n * h, -1), "attention"), cache

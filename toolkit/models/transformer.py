@@ -24,6 +24,13 @@ logits through the shared output projection predict token t+j+1:
 
     logits_btv, aux, mtp_logits_jbtv = model(tokens_bt, mtp_tokens_bt=targets_bt)
 
+Generation (`toolkit.generation`) runs the listed blocks over per-layer KV caches:
+`decode` takes tokens at given positions (a prompt from 0, then one token at a time) and
+returns the logits, each MoE layer's `Routing` and the updated caches:
+
+    caches = model.init_cache(batch, max_len)
+    logits_btv, routings, caches = model.decode(tokens_bt, positions_bt, caches)
+
 Every matmul runs under `cfg.precision` (`toolkit.precision.use_precision`): number
 formats per matmul class for weights, activations and gradients, full precision by default.
 
@@ -41,7 +48,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from toolkit.config import Config
-from toolkit.models.attention import Attention
+from toolkit.models.attention import Attention, KVCache
 from toolkit.models.layers import Embed, RMSNorm, SwiGLU, param
 from toolkit.moe.layer import MoELayer
 from toolkit.moe.recurrent import GRU
@@ -83,6 +90,19 @@ class Block(nnx.Module):
                 None, state
         h, aux, state = self.ffn(self.ffn_norm(x_btd), state, routing=routing)
         return constrain(x_btd + h, ("batch", "seq", "embed")), aux, state
+
+    def decode(self, x_btd, positions_bt, state, cache: KVCache):
+        """The block over a KV cache: `(x_btd, routing, state, cache)`, routing the MoE
+        layer's `Routing` (None when dense). The same computation as `__call__`, on one device."""
+        routing = self.ffn.route(x_btd, state) if self.is_moe and self.pre_attention else None
+        a_btd, cache = self.attn.cached(self.attn_norm(x_btd), positions_bt, cache)
+        x_btd = x_btd + a_btd
+        if not self.is_moe:
+            return x_btd + self.ffn(self.ffn_norm(x_btd)), None, state, cache
+        h_btd = self.ffn_norm(x_btd)
+        routing = self.ffn.route(h_btd, state) if routing is None else routing
+        y_btd, _, state = self.ffn(h_btd, state, routing=routing)
+        return x_btd + y_btd, routing, state, cache
 
 
 class Stage(nnx.Module):
@@ -133,6 +153,17 @@ def stacked_blocks_state(tree: dict, v: int, p: int) -> dict:
                                *[blocks[c * per + j] for c in range(v * p)]) for j in range(per)}
     out = {k: val for k, val in tree.items() if k != "blocks"}
     return dict(out, stages={"blocks": stacked})
+
+
+def listed_blocks_state(tree: dict, v: int, p: int) -> dict:
+    """The inverse of `stacked_blocks_state`: a stacked model's pure-dict state with
+    `stages/blocks/j` leaves `[v, p, ...]` back in the listed layout (`blocks/i`)."""
+    stacked = tree["stages"]["blocks"]
+    per = len(stacked)
+    blocks = {c * per + j: jax.tree.map(lambda a, c=c: a.reshape((v * p,) + a.shape[2:])[c], stacked[j])
+              for c in range(v * p) for j in range(per)}
+    out = {k: val for k, val in tree.items() if k != "stages"}
+    return dict(out, blocks=blocks)
 
 
 def chunk_of(stages: Stage, r, s) -> Stage:
@@ -186,6 +217,32 @@ class Transformer(nnx.Module):
         w_dv = quantize_weight(self.head_weight().astype(x_btd.dtype), "head")
         logits_btv = linear(x_btd, w_dv, "head")
         return logits_btv.astype(jnp.float32)
+
+    def init_cache(self, batch: int, max_len: int) -> list:
+        """Empty KV caches, one per block, `[batch, max_len, K, h]` in the compute dtype."""
+        dtype = jnp.dtype(self.cfg.model.dtype)
+        return [KVCache.zeros(batch, max_len, self.cfg.model, dtype)
+                for _ in range(self.cfg.model.num_layers)]
+
+    def decode(self, tokens_bt, positions_bt, caches: list):
+        """`(logits_btv, routings, caches)` for `tokens_bt` at `positions_bt` (int [B, S]),
+        attending over `caches` (from `init_cache`), which come back holding these tokens'
+        keys and values too; `routings`: each MoE layer's `Routing`, in layer order. Needs
+        the listed blocks (`parallel.pipeline=1`; see `listed_blocks_state`); no MTP heads."""
+        if self.blocks is None:
+            raise ValueError(f"decode needs the listed blocks; this model stacks them for "
+                             f"parallel.pipeline={self.cfg.parallel.pipeline}: rebuild it with "
+                             f"parallel.pipeline=1 and listed_blocks_state (toolkit.generation "
+                             f"does so)")
+        with use_rules(rules_for(self.cfg.parallel)), use_precision(self.cfg.precision):
+            x_btd = self.embed(tokens_bt, jnp.dtype(self.cfg.model.dtype))
+            state, routings, out = {}, [], []
+            for block, cache in zip(self.blocks, caches, strict=True):
+                x_btd, routing, state, cache = block.decode(x_btd, positions_bt, state, cache)
+                out.append(cache)
+                if routing is not None:
+                    routings.append(routing)
+            return self.logits(x_btd), routings, out
 
     def __call__(self, tokens_bt, mtp_tokens_bt=None):
         # Logical axis names resolve through the recipe's table while the model is traced.
