@@ -7,6 +7,8 @@
     python -m toolkit inspect --preset tiny --mesh data=2,expert=4 --costs   # model vs compiled
     python -m toolkit plan --preset mixtral_8x7b --cluster h100x64 --global-batch 4M
     python -m toolkit config --preset tiny          # every key, its value and meaning
+    python -m toolkit inspect --hf ckpt/            # a Hugging Face MoE checkpoint's config
+    python -m toolkit train --init-from-hf ckpt/ --set train.steps=50   # fine-tune it
     python -m toolkit launch --processes 2 -- train --mesh data=2,expert=4   # 2 JAX processes
     srun python -m toolkit train --distributed ...  # every process of a SLURM or TPU job
 
@@ -44,10 +46,18 @@ def _parser():
             s.add_argument("--devices", type=_positive, default=8,
                            help="simulated devices when running on CPU (default: 8)")
         if name == "inspect":
+            s.add_argument("--hf", default=None, metavar="PATH",
+                           help="a local Hugging Face MoE checkpoint directory (Mixtral, "
+                                "Qwen2-MoE, Qwen3-MoE, OLMoE): print its derived config and "
+                                "parameter count, checking its tensors, without compiling")
             s.add_argument("--costs", action="store_true",
                            help="also set the cost model's FLOPs, memory and bytes beside the "
                                 "compiled program's (toolkit.training.cost_check)")
         if name == "train":
+            s.add_argument("--init-from-hf", default=None, metavar="PATH",
+                           help="fine-tune a local Hugging Face MoE checkpoint: its derived "
+                                "config (instead of --preset; --set applies on top) and its "
+                                "weights instead of a random init")
             s.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
             s.add_argument("--resume", action="store_true", help="continue the run in --out")
             s.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -107,7 +117,10 @@ def _mesh_overrides(text):
 
 def _config(args):
     from toolkit.config import apply_overrides, config_file_overrides, preset
-    cfg = preset(args.preset)
+    hf = getattr(args, "hf", None) or getattr(args, "init_from_hf", None)
+    if hf:
+        from toolkit.interop import hf_config
+    cfg = hf_config(hf) if hf else preset(args.preset)
     if args.config:
         cfg = apply_overrides(cfg, config_file_overrides(args.config, cfg))
     if args.mesh:
@@ -150,6 +163,8 @@ def main(argv=None) -> int:
             for key, value, meaning in rows:
                 print(f"{key:<{width}}  {value!r:<14}  {meaning}")
             return 0
+        if args.command == "inspect" and args.hf:
+            return _inspect_hf(args.hf, cfg)
         if args.command == "inspect":
             from toolkit.training.inspect import (
                 communication_check,
@@ -171,7 +186,12 @@ def main(argv=None) -> int:
         if os.path.exists(out) and not os.path.isdir(out):
             raise ConfigError(f"--out {out!r} is a file; the run directory must be a folder, e.g. "
                               f"--out runs/{cfg.name}")
-        trainer = Trainer(cfg, out_dir=out, resume=args.resume, progress=not args.no_progress)
+        init = None
+        if args.init_from_hf:
+            from toolkit.interop import load_hf_params
+            init = load_hf_params(args.init_from_hf, cfg)
+        trainer = Trainer(cfg, out_dir=out, resume=args.resume, progress=not args.no_progress,
+                          init_params=init)
         try:
             trainer.run()
         except KeyboardInterrupt:
@@ -186,6 +206,24 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
+
+
+def _inspect_hf(path, cfg) -> int:
+    """`inspect --hf PATH`: the derived model and MoE config, the parameter count, and a
+    check of every tensor's name and shape (no weights read, nothing compiled)."""
+    from toolkit.analysis import count_params
+    from toolkit.config import describe
+    from toolkit.interop import check_hf
+    check_hf(path, cfg)
+    rows = [r for r in describe(cfg) if r[0].split(".")[0] in ("name", "model", "moe")]
+    width = max(len(k) for k, _, _ in rows)
+    print(f"{path}: the toolkit config derived from its config.json")
+    for key, value, meaning in rows:
+        print(f"{key:<{width}}  {value!r:<14}  {meaning}")
+    total, active = count_params(cfg)
+    print(f"parameters: {total:,} total, {active:,} active per token; every tensor present with "
+          f"the expected shape")
+    return 0
 
 
 def _plan(args) -> int:

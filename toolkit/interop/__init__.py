@@ -5,7 +5,7 @@
     save_hf(model, cfg, "export/")                # loads in transformers with the same logits
 """
 
-from toolkit.interop.hf import hf_config, load_hf, load_hf_params, save_hf
+from toolkit.interop.hf import check_hf, hf_config, load_hf, load_hf_params, save_hf
 from toolkit.interop.hf_config import (
     ARCHITECTURES,
     HFError,
@@ -15,5 +15,5 @@ from toolkit.interop.hf_config import (
     to_hf_config,
 )
 
-__all__ = ["ARCHITECTURES", "HFError", "config_from_hf", "hf_config", "infer_architecture",
+__all__ = ["ARCHITECTURES", "HFError", "check_hf", "config_from_hf", "hf_config", "infer_architecture",
            "load_hf", "load_hf_params", "read_hf_config", "save_hf", "to_hf_config"]

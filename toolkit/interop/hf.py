@@ -135,7 +135,7 @@ class _Tensors:
 
     def __init__(self, path: Path):
         from safetensors import safe_open
-        self._open = safe_open
+        self._open, self._shapes = safe_open, {}
         if (path / _INDEX).is_file():
             try:
                 weight_map = json.loads((path / _INDEX).read_text())["weight_map"]
@@ -159,8 +159,10 @@ class _Tensors:
         return name in self.files
 
     def shape(self, name) -> tuple:
-        with self._open(self.files[name], "np") as f:
-            return tuple(f.get_slice(name).get_shape())
+        if name not in self._shapes:             # one header read per file
+            with self._open(self.files[name], "np") as f:
+                self._shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        return self._shapes[name]
 
     def read(self, names) -> list:
         by_file = {}
@@ -191,9 +193,8 @@ def hf_config(path) -> Config:
     return config_from_hf(read_hf_config(path))
 
 
-def load_hf_params(path, cfg: Config) -> dict:
-    """The checkpoint's weights as a nested dict shaped like
-    `nnx.to_pure_dict(nnx.state(Transformer(cfg, ...), nnx.Param))`, float32 numpy."""
+def _checked(path, cfg: Config) -> tuple:
+    """`(tensors, specs)` once every tensor `cfg` needs is present with its shape."""
     path = Path(path)
     kind = ARCHITECTURES[architecture_of(read_hf_config(path))]
     tensors = _Tensors(path)
@@ -202,13 +203,29 @@ def load_hf_params(path, cfg: Config) -> dict:
     if missing:
         raise HFError(f"{str(path)!r} lacks {len(missing)} tensors the config needs, e.g. "
                       f"{missing[:3]}")
-    params = {}
     for s in specs:
         for name, want in zip(s.names, s.shapes, strict=True):
             seen = tensors.shape(name)
             if seen != want:
                 raise HFError(f"tensor {name} has shape {list(seen)}, expected {list(want)} from "
                               f"config.json")
+    return tensors, specs
+
+
+def check_hf(path, cfg: Config | None = None) -> Config:
+    """The derived `Config` of checkpoint `path` once its tensors' names and shapes fit it
+    (or fit `cfg`); reads no weights."""
+    cfg = cfg or hf_config(path)
+    _checked(path, cfg)
+    return cfg
+
+
+def load_hf_params(path, cfg: Config) -> dict:
+    """The checkpoint's weights as a nested dict shaped like
+    `nnx.to_pure_dict(nnx.state(Transformer(cfg, ...), nnx.Param))`, float32 numpy."""
+    tensors, specs = _checked(path, cfg)
+    params = {}
+    for s in specs:
         for p, value in zip(s.paths, s.to_toolkit(tensors.read(s.names)), strict=True):
             node = params
             for key in p[:-1]:

@@ -45,6 +45,7 @@ from toolkit.models.transformer import moe_layer_indices
 from toolkit.precision import describe_mode
 from toolkit.sharding.mesh import MESH_AXES, batch_sharding, make_mesh, rules_for
 from toolkit.training.checkpoint import Checkpointer
+from toolkit.training.init_from import place_params
 from toolkit.training.report import render_report
 from toolkit.training.step import (
     abstract_state,
@@ -95,7 +96,9 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, *, out_dir=None, resume: bool = False, devices=None,
-                 progress: bool = True):
+                 progress: bool = True, init_params=None):
+        """`init_params`: model weights to start from instead of the random init (a nested
+        dict as `toolkit.interop.load_hf_params` returns; `toolkit.training.init_from`)."""
         devices = list(devices if devices is not None else jax.devices())
         validate(cfg, len(devices))
         self.corpus = load_corpus(cfg.data)
@@ -121,6 +124,8 @@ class Trainer:
             self._reload_metrics()
         else:
             self.graphdef, self.state = init_state(cfg, self.mesh)
+            if init_params is not None:
+                self.state = place_params(cfg, self.state, init_params)
             if self.out_dir is not None:
                 self._reload_metrics()      # a resumed run without checkpoints starts clean
         self.train_fn = make_train_step(cfg, self.graphdef, self.mesh, self.state)
