@@ -1,5 +1,5 @@
 # make demo   create .venv, install, train the tiny MoE on 8 simulated devices
-# make test   create/update .venv and run the whole test suite
+# make test   create/update .venv (with torch + transformers for the HF parity tests), run all tests
 # make lab    JupyterLab on notebooks/ (127.0.0.1 only)
 # make bench  the benchmarks in benchmarks/
 PYTHON ?= python3
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q $(CONSTRAINTS) -e ".[dev]"
 	touch $(STAMP)
 
+$(VENV)/.hf: $(STAMP)
+	$(PY) -m pip install -q $(CONSTRAINTS) -e ".[dev,hf]"
+	touch $(VENV)/.hf
+
 $(VENV)/.lab: $(STAMP)
 	$(PY) -m pip install -q $(CONSTRAINTS) -e ".[lab,dev]"
 	touch $(VENV)/.lab
@@ -23,7 +27,7 @@ $(VENV)/.lab: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m toolkit train --preset tiny --mesh data=2,fsdp=4 --out runs/demo $(if $(wildcard runs/demo/config.json),--resume,)
 
-test: $(STAMP)
+test: $(VENV)/.hf
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
