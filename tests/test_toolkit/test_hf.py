@@ -79,6 +79,11 @@ def checkpoints(tmp_path_factory):
     return out
 
 
+@nnx.jit
+def _forward(model, tokens_bt):
+    return model(tokens_bt)[0]
+
+
 def _params(model):
     return {"/".join(map(str, k)): np.asarray(v.get_value())
             for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
@@ -109,7 +114,7 @@ def test_import_export_match_transformers(checkpoints, arch, tmp_path):
     path, hf_model = checkpoints[arch]
     expected = _logits(hf_model)
     cfg, model = load_hf(path)
-    np.testing.assert_allclose(np.asarray(model(jnp.asarray(TOKENS))[0]), expected, atol=1e-4,
+    np.testing.assert_allclose(np.asarray(_forward(model, jnp.asarray(TOKENS))), expected, atol=1e-4,
                                rtol=1e-4)
     save_hf(model, cfg, tmp_path / "export")
     written = json.loads((tmp_path / "export" / "config.json").read_text())
@@ -256,6 +261,6 @@ def test_cli_inspect_and_fine_tune(checkpoints, tmp_path, capsys):
     batch = Batches(load_corpus(cfg.data), seq_len=cfg.model.seq_len, batch_size=cfg.train.batch_size,
                     seed=cfg.train.seed, domain_weights=cfg.data.domain_weights).train(0)
     _, model = load_hf(path)
-    logits = model(jnp.asarray(batch["tokens"]))[0]
+    logits = _forward(model, jnp.asarray(batch["tokens"]))
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(batch["targets"])).mean()
     assert first["ce"] == pytest.approx(float(ce), rel=1e-5)

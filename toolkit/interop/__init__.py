@@ -5,7 +5,14 @@
     save_hf(model, cfg, "export/")                # loads in transformers with the same logits
 """
 
-from toolkit.interop.hf import check_hf, hf_config, load_hf, load_hf_params, save_hf
+from toolkit.interop.hf import (
+    check_hf,
+    hf_config,
+    load_hf,
+    load_hf_params,
+    model_from_params,
+    save_hf,
+)
 from toolkit.interop.hf_config import (
     ARCHITECTURES,
     HFError,
@@ -16,4 +23,4 @@ from toolkit.interop.hf_config import (
 )
 
 __all__ = ["ARCHITECTURES", "HFError", "check_hf", "config_from_hf", "hf_config", "infer_architecture",
-           "load_hf", "load_hf_params", "read_hf_config", "save_hf", "to_hf_config"]
+           "load_hf", "load_hf_params", "model_from_params", "read_hf_config", "save_hf", "to_hf_config"]

@@ -238,11 +238,19 @@ def load_hf(path) -> tuple:
     """`(cfg, model)`: the derived `Config` and a `Transformer` holding the checkpoint's weights."""
     cfg = hf_config(path)
     params = load_hf_params(path, cfg)
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-    nnx.update(model, state)
-    return cfg, model
+    return cfg, model_from_params(cfg, params)
+
+
+def model_from_params(cfg: Config, params: dict) -> Transformer:
+    """A `Transformer` of `cfg` holding `params` (a nested dict as `load_hf_params` returns);
+    no random parameters are drawn (variables that are not parameters, such as router
+    state, are made as a fresh model makes them)."""
+    def build():
+        return Transformer(cfg, rngs=nnx.Rngs(0))
+    graphdef, weights, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+    rest = jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[2])()
+    nnx.replace_by_pure_dict(weights, jax.tree.map(jnp.asarray, params))
+    return nnx.merge(graphdef, weights, rest)
 
 
 def _flat(tree, prefix=()):
