@@ -23,12 +23,13 @@ from toolkit.config import (
                             validate,
 )
 from toolkit.data import Batches, ByteTokenizer, load_corpus
+from toolkit.generation import Generation, generate, generate_uncached
 from toolkit.models.transformer import Transformer
 from toolkit.moe import MoEAux, MoELayer, Routing
 from toolkit.sharding import make_mesh
 from toolkit.training import Trainer
 
-__all__ = ["PRESETS", "Batches", "ByteTokenizer", "Config", "ConfigError", "DataConfig", "MoEAux",
-           "MoEConfig", "MoELayer", "ModelConfig", "ParallelConfig", "Routing", "TrainConfig",
-           "Trainer", "Transformer", "apply_overrides", "dense_twin", "describe", "load_corpus",
-           "make_mesh", "preset", "small", "tiny", "validate"]
+__all__ = ["PRESETS", "Batches", "ByteTokenizer", "Config", "ConfigError", "DataConfig", "Generation",
+           "MoEAux", "MoEConfig", "MoELayer", "ModelConfig", "ParallelConfig", "Routing", "TrainConfig",
+           "Trainer", "Transformer", "apply_overrides", "dense_twin", "describe", "generate",
+           "generate_uncached", "load_corpus", "make_mesh", "preset", "small", "tiny", "validate"]

@@ -1,4 +1,4 @@
-"""Command line: `python -m toolkit {train, inspect, plan, config, launch}`.
+"""Command line: `python -m toolkit {train, inspect, plan, config, launch, generate}`.
 
     python -m toolkit train --preset tiny --mesh data=2,fsdp=4 --out runs/tiny
     python -m toolkit train --preset tiny --set moe.num_experts=16 --set train.steps=300
@@ -6,6 +6,7 @@
     python -m toolkit inspect --mesh data=2,expert=4 --recipe ep --set moe.dispatch=capacity
     python -m toolkit inspect --preset tiny --mesh data=2,expert=4 --costs   # model vs compiled
     python -m toolkit plan --preset mixtral_8x7b --cluster h100x64 --global-batch 4M
+    python -m toolkit generate --run runs/tiny --prompt "def " --temperature 0.8 --trace
     python -m toolkit config --preset tiny          # every key, its value and meaning
     python -m toolkit inspect --hf ckpt/            # a Hugging Face MoE checkpoint's config
     python -m toolkit train --init-from-hf ckpt/ --set train.steps=50   # fine-tune it
@@ -80,6 +81,19 @@ def _parser():
     s.add_argument("--remat", choices=("both", "on", "off"), default="both",
                    help="rematerialise each layer in the backward: try both (default), on or off")
     s.add_argument("--top", type=_positive, default=10, help="plans to list (default: 10)")
+    s = sub.add_parser("generate", help="continue a prompt with a trained run's model (KV-cached, "
+                                        "on one device; toolkit.generation)")
+    s.add_argument("--run", required=True, metavar="DIR", help="a run directory, e.g. runs/tiny")
+    s.add_argument("--prompt", required=True, help="the text to continue")
+    s.add_argument("--max-new-tokens", type=int, default=64,
+                   help="tokens (bytes) to generate (default: 64); prompt + these <= model.seq_len")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), e.g. 0.8")
+    s.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    s.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus: keep the most likely tokens up to probability p (1 = off)")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    s.add_argument("--trace", action="store_true",
+                   help="also print the experts each generated token went to per MoE layer")
     s = sub.add_parser("launch", help="run a command as several local JAX processes",
                        description="python -m toolkit launch --processes 2 -- train --preset "
                                    "tiny --mesh data=2,expert=4")
@@ -143,6 +157,8 @@ def main(argv=None) -> int:
             return 2
     if args.command == "plan":
         return _plan(args)
+    if args.command == "generate":
+        return _generate(args)
     flags = os.environ.get("XLA_FLAGS", "")
     if args.command != "config" and "xla_force_host_platform_device_count" not in flags:
         # Only the CPU backend reads this; on GPU/TPU the accelerators are the devices.
@@ -252,3 +268,39 @@ def _plan(args) -> int:
           f"{batch} sequences of {cfg.model.seq_len} tokens per step; plans that fit, fastest first:")
     print(explain(plans, cluster))
     return 0
+
+
+def _generate(args) -> int:
+    """`python -m toolkit generate`: the run's latest checkpoint on one device, the prompt as
+    bytes after BOS, the continuation printed up to the first EOS."""
+    import numpy as np
+
+    from toolkit.config import ConfigError
+    from toolkit.data import ByteTokenizer
+    from toolkit.generation import check_sampling, generate, load_run, render_trace
+    tok = ByteTokenizer()
+    try:
+        if not args.prompt:
+            raise ConfigError("--prompt is empty; give text to continue, e.g. --prompt 'def '")
+        check_sampling(args.temperature, args.top_k, args.top_p)
+        model = load_run(args.run)
+        out = generate(model, tok.encode(args.prompt, bos=True)[None], args.max_new_tokens,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       seed=args.seed)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    new = out.new_tokens_bn[0]
+    ends = np.flatnonzero(new == tok.eos_id)
+    n = int(ends[0]) if ends.size else len(new)
+    print(tok.decode(new[:n]))
+    if args.trace:
+        print(render_trace(out, model.cfg, [_token_label(int(i)) for i in new[:n]]))
+    return 0
+
+
+def _token_label(token: int) -> str:
+    """A byte token as a short printable label: 'a', '\\n', 0xc3, <bos>."""
+    if token >= 256:
+        return {256: "<bos>", 257: "<eos>", 258: "<pad>"}.get(token, f"<{token}>")
+    return repr(chr(token)) if token < 128 else f"0x{token:02x}"
