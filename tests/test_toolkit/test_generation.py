@@ -193,3 +193,34 @@ def test_cli_generates_from_a_trained_run_and_refuses_bad_input(tmp_path, capsys
         assert code == 2 and err.startswith("error: ") and message in err, (what, err)
         assert "Traceback" not in err and out == "", what
     assert not (no_ckpt / "checkpoints").exists()
+
+
+def test_imported_hugging_face_model_generates_as_recomputation_and_transformers(tmp_path):
+    torch = pytest.importorskip("torch", reason="builds the reference with torch (pip install -e '.[hf]')")
+    transformers = pytest.importorskip("transformers", reason="needs transformers (pip install -e '.[hf]')")
+    from toolkit.interop import load_hf
+
+    # Qwen2-MoE: a dense first layer, a gated shared expert, q/k/v biases; GQA
+    hf = transformers.Qwen2MoeConfig(vocab_size=272, hidden_size=32, intermediate_size=48,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                     num_experts_per_tok=2, max_position_embeddings=64, num_experts=4,
+                                     moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                                     mlp_only_layers=[0])
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(hf).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():                  # O(1) random weights, so routing and biases matter
+        for name, p in reference.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1 + 0.2 * noise if "norm" in name else 0.3 * noise if p.ndim == 1
+                    else noise / np.sqrt(p.shape[-1]))
+    reference.save_pretrained(tmp_path)
+    _, model = load_hf(tmp_path)
+    cached, full = generate(model, PROMPT, 5), generate_uncached(model, PROMPT, 5)
+    np.testing.assert_array_equal(cached.tokens_bt, full.tokens_bt)
+    np.testing.assert_allclose(cached.logits_bnv, full.logits_bnv, atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(cached.expert_ids_lbsk, full.expert_ids_lbsk)
+    with torch.no_grad():
+        theirs = reference.generate(torch.tensor(PROMPT), max_new_tokens=5, do_sample=False,
+                                    pad_token_id=0).numpy()
+    np.testing.assert_array_equal(cached.tokens_bt, theirs)
