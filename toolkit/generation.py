@@ -36,6 +36,10 @@ The model generates as `generation_model(model)` builds it:
   experts are not a function of its prefix) and GRU experts (their recurrence along the
   sequence is not part of the cache).
 
+Precision formats apply as in the full forward (the cache holds keys and values as the
+`kv_cache` format stores them, per token); an activation format with a per-tensor scale
+(NV) scales over the tokens of each pass, so there cached logits differ by that rounding.
+
 Length: prompt + max_new_tokens may not exceed `model.seq_len`. RoPE itself has no limit,
 but the model never saw later positions in training, so they are refused rather than
 extrapolated.
