@@ -54,13 +54,14 @@ def test_defaults_add_no_parameters():
         "w_q", "w_k", "w_v", "w_o"}
 
 
-def test_full_qk_norm_under_tensor_parallelism_equals_single_device():
+def test_options_on_a_mesh_equal_single_device():
     # The "full" norm spans all heads, which tensor parallelism splits: the sum of squares
-    # must be added over the tensor axis.
+    # must be added over the tensor axis. The gated shared expert's width is split too.
     model = {"num_layers": 1, "qk_norm": "full", "attention_bias": True}
-    one = loss_and_grads(micro(model=model), jax.devices()[:1])
-    tp = loss_and_grads(micro(model=model, parallel={"data": 4, "tensor": 2, "recipe": "tp"}),
-                        jax.devices())
+    moe = {"num_shared_experts": 1, "d_shared_expert": 48, "shared_expert_gate": True}
+    one = loss_and_grads(micro(model=model, moe=moe), jax.devices()[:1])
+    mesh = {"data": 1, "fsdp": 2, "tensor": 2, "expert": 2}
+    tp = loss_and_grads(micro(model=model, moe=moe, parallel=mesh), jax.devices())
     assert tp[0] == pytest.approx(one[0], rel=1e-6, abs=1e-6)
     for a, b in zip(jax.tree.leaves(tp[1]), jax.tree.leaves(one[1]), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
