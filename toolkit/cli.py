@@ -197,7 +197,7 @@ def main(argv=None) -> int:
                       "(toolkit.analysis.costs):")
                 print(render_cost_check(cost_check(cfg)))
             return 0
-        from toolkit.training import Trainer
+        from toolkit.training import NonFiniteError, Trainer
         out = args.out or os.path.join("runs", cfg.name)
         if os.path.exists(out) and not os.path.isdir(out):
             raise ConfigError(f"--out {out!r} is a file; the run directory must be a folder, e.g. "
@@ -215,6 +215,9 @@ def main(argv=None) -> int:
             print(f"\ninterrupted; the latest checkpoint is step {step} in {trainer.out_dir}/; "
                   f"continue with the same command plus --resume", file=sys.stderr)
             return 130
+        except NonFiniteError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         if trainer.writes_files:
             print((trainer.out_dir / "report.md").read_text())
             print(f"run written to {trainer.out_dir}/")

@@ -4,7 +4,7 @@
     summary = trainer.run()
 """
 
-from toolkit.training.checkpoint import Checkpointer
+from toolkit.training.checkpoint import Checkpointer, corpus_fingerprint, data_stream
 from toolkit.training.report import render_report
 from toolkit.training.step import (
                                    abstract_state,
@@ -14,7 +14,8 @@ from toolkit.training.step import (
                                    make_optimizer,
                                    make_train_step,
 )
-from toolkit.training.trainer import Trainer
+from toolkit.training.trainer import NonFiniteError, Trainer
 
-__all__ = ["Checkpointer", "Trainer", "abstract_state", "init_state", "loss_fn",
+__all__ = ["Checkpointer", "NonFiniteError", "Trainer", "abstract_state", "corpus_fingerprint",
+           "data_stream", "init_state", "loss_fn",
            "make_eval_step", "make_optimizer", "make_train_step", "render_report"]

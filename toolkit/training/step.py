@@ -192,14 +192,27 @@ def update_router_biases(model, expert_counts_le, cfg: Config):
 
 
 def make_train_step(cfg: Config, graphdef, mesh, state):
-    """Jitted `(state, batch) -> (state, metrics)`; the state buffers are donated."""
+    """Jitted `(state, batch) -> (state, metrics)`; the state buffers are donated.
+
+    A step whose loss or global gradient norm is not finite changes nothing: the returned
+    state is the input state (parameters, optimizer moments and step count, router biases),
+    chosen element-wise with `jnp.where`, and `metrics["skipped"]` is 1 with
+    `metrics["loss_finite"]`/`metrics["grads_finite"]` saying which value was not.
+    """
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     batch_sh = batch_sharding(mesh, rules_for(cfg.parallel))
 
     def step(state, batch):
+        old_leaves = jax.tree.leaves(state)        # the arrays, before the update mutates state
         model, optimizer = nnx.merge(graphdef, state)
         metrics = _train_step(model, optimizer, batch, cfg)
-        return nnx.state((model, optimizer)), metrics
+        loss_ok, grads_ok = jnp.isfinite(metrics["loss"]), jnp.isfinite(metrics["grad_norm"])
+        ok = loss_ok & grads_ok
+        new_leaves, treedef = jax.tree.flatten(nnx.state((model, optimizer)))
+        new_state = jax.tree.unflatten(treedef, [jnp.where(ok, new, old) for new, old in
+                                                 zip(new_leaves, old_leaves, strict=True)])
+        metrics.update(skipped=(~ok).astype(jnp.int32), loss_finite=loss_ok, grads_finite=grads_ok)
+        return new_state, metrics
 
     # Metrics come back replicated, so every process can read them (no gather needed).
     return jax.jit(step, donate_argnums=0, in_shardings=(state_sh, batch_sh),

@@ -10,7 +10,16 @@ while `run()` is the whole job the CLI uses:
 A run directory holds `config.json`, `metrics.jsonl` (one line per logged step and per
 validation pass), `checkpoints/`, and at the end `summary.json`, PNG plots and
 `report.md`. An existing run is never overwritten: pass `resume=True` to continue it
-from its latest checkpoint, exactly where an uninterrupted run would be.
+from its latest checkpoint, exactly where an uninterrupted run would be (the same losses,
+bit for bit, on the same mesh). A resume may change only `parallel.*` (the mesh: the state
+is resharded onto the new one as it is read) and `train.nonfinite`/`max_skipped_steps`;
+the new config is written to `config.json`. The checkpoint also records the data stream
+(`toolkit.training.checkpoint.data_stream`), and a resume over a changed corpus is refused.
+
+A step whose loss or gradient norm is not finite is skipped inside the compiled step (the
+state stays as it was, see `make_train_step`); `train.nonfinite` says whether the run goes
+on ("skip", up to `train.max_skipped_steps` in a row) or stops ("stop") with a
+`NonFiniteError` that names the step.
 
 In a multi-process run (`jax.distributed`, see `toolkit.sharding.distributed`) every
 process runs the same loop: each builds the whole global batch (a pure function of seed
@@ -20,10 +29,12 @@ only process 0 writes the other run files and shows the progress bar.
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -41,10 +52,10 @@ from toolkit.analysis import (
 )
 from toolkit.config import Config, ConfigError, from_dict, validate
 from toolkit.data import Batches, load_corpus, unigram_bits_per_byte
-from toolkit.models.transformer import moe_layer_indices
+from toolkit.models.transformer import moe_layer_indices, pipeline_chunks
 from toolkit.precision import describe_mode
 from toolkit.sharding.mesh import MESH_AXES, batch_sharding, make_mesh, rules_for
-from toolkit.training.checkpoint import Checkpointer
+from toolkit.training.checkpoint import Checkpointer, check_data_stream, data_stream
 from toolkit.training.init_from import place_params
 from toolkit.training.report import render_report
 from toolkit.training.step import (
@@ -57,6 +68,20 @@ from toolkit.training.step import (
     to_host,
 )
 from toolkit.viz import plots
+
+
+class NonFiniteError(RuntimeError):
+    """A run ended because a step's loss or gradient norm was NaN or infinite."""
+
+
+# config keys a resume may change: the mesh, and what to do about non-finite steps
+_RESUMABLE = ("parallel.", "train.nonfinite", "train.max_skipped_steps")
+
+
+@jax.jit
+def _all_finite(state) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -113,12 +138,18 @@ class Trainer:
         self.moe_layers = moe_layer_indices(cfg)
         self.history, self.val_history = [], []
         self.step_num, self.compile_seconds, self.train_seconds = 0, 0.0, 0.0
+        self.skipped_steps, self.skipped_in_a_row = 0, 0
+        self.data_stream = data_stream(cfg, self.corpus)
         self._compiled = None
         self.checkpointer = self._open_run_dir(resume)
         if resume and self.checkpointer and self.checkpointer.latest_step() is not None:
             self.state, meta = self.checkpointer.restore(abstract_state(cfg, self.mesh))
             self.graphdef = graphdef_of(cfg)
             self.step_num = int(meta["step"])
+            if "data" in meta:          # checkpoints written before the data record lack it
+                check_data_stream(meta["data"], self.data_stream, self.step_num,
+                                  self.checkpointer.directory)
+            self.skipped_steps = int(meta.get("skipped_steps", 0))
             self.compile_seconds = float(meta.get("compile_seconds", 0.0))
             self.train_seconds = float(meta.get("train_seconds", 0.0))
             self._reload_metrics()
@@ -141,20 +172,41 @@ class Trainer:
         if config_path.exists() and not resume:
             raise ConfigError(f"run directory {str(self.out_dir)!r} already holds a run; pass "
                               f"--resume to continue it, or choose another --out")
+        if resume and not config_path.exists():
+            raise ConfigError(f"--resume: {str(self.out_dir)!r} holds no run (no config.json); "
+                              f"drop --resume to start a new run there, or give the --out of an "
+                              f"existing run")
         if config_path.exists():
-            saved = from_dict(json.loads(config_path.read_text()))
-            if saved != self.cfg:
-                before, after = dict(_flat(saved)), dict(_flat(self.cfg))
-                diff = ", ".join(f"{k}: saved {before[k]!r}, given {after[k]!r}"
-                                 for k in before if before[k] != after[k])
-                raise ConfigError(f"--resume: the config differs from {config_path} ({diff}); "
-                                  f"resume with the same --preset/--set values, or start a new --out")
+            self._check_resumable(from_dict(json.loads(config_path.read_text())), config_path)
         if jax.process_count() > 1:     # every process has checked before process 0 writes
             multihost_utils.sync_global_devices("toolkit: run directory checked")
         if self.writes_files:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             _write_atomic(config_path, self.cfg.to_json())
         return Checkpointer(ckpt_dir, keep=self.cfg.train.keep_checkpoints)
+
+    def _check_resumable(self, saved: Config, config_path: Path) -> None:
+        """Refuse a resume that changes more than the mesh; note a mesh change."""
+        before, after = dict(_flat(saved)), dict(_flat(self.cfg))
+        diff = {k: f"{k}: saved {before[k]!r}, given {after[k]!r}" for k in before
+                if before[k] != after[k]}
+        fixed = [d for k, d in diff.items() if not k.startswith(_RESUMABLE)]
+        if fixed:
+            raise ConfigError(f"--resume: the config differs from {config_path} ({', '.join(fixed)}); "
+                              f"resume with the same --preset/--set values (only parallel.* and "
+                              f"train.nonfinite/max_skipped_steps may change), or start a new --out")
+        if pipeline_chunks(saved)[:2] != pipeline_chunks(self.cfg)[:2]:
+            raise ConfigError(
+                f"--resume: parallel.pipeline={self.cfg.parallel.pipeline} with virtual_stages="
+                f"{self.cfg.parallel.virtual_stages} stores the blocks in another layout than the "
+                f"checkpoint's (pipeline={saved.parallel.pipeline}, virtual_stages="
+                f"{saved.parallel.virtual_stages}); a checkpoint restores onto any mesh with the "
+                f"same pipeline layout, so keep parallel.pipeline={saved.parallel.pipeline}")
+        if diff and self.writes_files:
+            mesh = any(k.startswith("parallel.") for k in diff)
+            print(f"note: resuming {self.out_dir} with {'; '.join(diff.values())}; "
+                  f"{'the checkpoint is resharded onto the new mesh, and ' if mesh else ''}"
+                  f"config.json records the new values", file=sys.stderr)
 
     def _reload_metrics(self):
         path = self.out_dir / "metrics.jsonl"
@@ -199,17 +251,43 @@ class Trainer:
         self.state, self.step_num = new_state, self.step_num + 1   # they move together
         dt = time.perf_counter() - t0
         self.train_seconds += dt
+        skipped = bool(m["skipped"])
         rec = {"step": self.step_num, "loss": float(m["loss"]), "ce": float(m["ce"]),
-               "grad_norm": float(m["grad_norm"]), "lr": learning_rate(self.cfg, self.step_num - 1),
-               "tokens_per_s": self.cfg.train.batch_size * self.cfg.model.seq_len / dt}
+               "grad_norm": float(m["grad_norm"]),
+               "lr": learning_rate(self.cfg, self.step_num - 1 - self.skipped_steps),
+               "tokens_per_s": self.cfg.train.batch_size * self.cfg.model.seq_len / dt,
+               "skipped": skipped}
         if "expert_counts" in m:
             rec.update({key: m[name].tolist() for key, name in _ROUTER_METRICS})
         if "mtp_ce" in m:
             rec["mtp_ce"] = m["mtp_ce"].tolist()
         self.history.append(rec)
-        if self.step_num % self.cfg.train.log_every == 0 or self.step_num == self.cfg.train.steps:
+        if skipped or self.step_num % self.cfg.train.log_every == 0 or \
+                self.step_num == self.cfg.train.steps:
             self._log(rec)
+        self.skipped_steps += skipped
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+        if skipped:
+            self._on_nonfinite(rec, m)
         return rec
+
+    def _on_nonfinite(self, rec: dict, m: dict) -> None:
+        """After a skipped step: stop if `train.nonfinite` or `max_skipped_steps` says so."""
+        t = self.cfg.train
+        if t.nonfinite == "skip" and self.skipped_in_a_row < t.max_skipped_steps:
+            return
+        bad = " and ".join(f"the {name} is {rec[key]}" for name, key, ok in
+                           (("loss", "loss", "loss_finite"), ("gradient norm", "grad_norm", "grads_finite"))
+                           if not m[ok])
+        why = ("train.nonfinite='stop'" if t.nonfinite == "stop" else
+               f"{self.skipped_in_a_row} steps in a row were skipped (train.max_skipped_steps="
+               f"{t.max_skipped_steps})")
+        last = self.checkpointer.latest_step() if self.checkpointer is not None else None
+        keep = (f"the last checkpoint, step {last} in {self.checkpointer.directory}, holds the state "
+                f"before it; continue with --resume (train.nonfinite and max_skipped_steps may change)"
+                if last is not None else "no checkpoint was saved")
+        raise NonFiniteError(f"step {self.step_num}: {bad}, so its update was skipped; {why} ends "
+                             f"the run; {keep}")
 
     def model(self):
         """The current model (a `Transformer` over the trained parameters)."""
@@ -236,10 +314,17 @@ class Trainer:
         return rec
 
     def save_checkpoint(self) -> None:
-        if self.checkpointer is not None:
-            self.checkpointer.save(self.step_num, self.state, {
-                "step": self.step_num, "compile_seconds": self.compile_seconds,
-                "train_seconds": self.train_seconds, "config": self.cfg.to_dict()})
+        """Save the state and what resuming needs; never a state holding NaN or inf."""
+        if self.checkpointer is None:
+            return
+        if not bool(_all_finite(self.state)):
+            raise NonFiniteError(f"step {self.step_num}: the model or optimizer state holds NaN or "
+                                 f"inf, so no checkpoint is saved; the last one is step "
+                                 f"{self.checkpointer.latest_step()} in {self.checkpointer.directory}")
+        self.checkpointer.save(self.step_num, self.state, {
+            "step": self.step_num, "compile_seconds": self.compile_seconds,
+            "train_seconds": self.train_seconds, "skipped_steps": self.skipped_steps,
+            "data": self.data_stream, "config": self.cfg.to_dict()})
 
     def advance(self) -> dict:
         """One step plus what the schedule asks for at it: validation and checkpoint.

@@ -1,0 +1,175 @@
+"""Checkpoints: SIGKILL mid-save, exact resume, restore onto other meshes, non-finite steps,
+and the clear refusals of a resume that cannot be exact."""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import micro
+
+from toolkit.cli import main
+from toolkit.config import ConfigError, ParallelConfig, apply_overrides, preset
+from toolkit.training import NonFiniteError, Trainer
+from toolkit.training.step import to_host
+
+ROOT = Path(__file__).resolve().parents[2]
+ONE = jax.devices()[:1]
+
+# `python -m toolkit train`, whose Orbax save of step 4 writes every file into the tmp
+# directory, then drops a marker and hangs before the rename, until the test kills it
+_HANG_BEFORE_RENAME = """
+import asyncio, sys, time
+from orbax.checkpoint._src.path import atomicity
+from toolkit.cli import main
+marker, rename = sys.argv[1], atomicity.AtomicRenameTemporaryPath.finalize
+async def finalize(self):
+    if self._final_path.name == "4":
+        open(marker, "w").write(str(self._tmp_path))
+        time.sleep(600)
+    return await rename(self)
+atomicity.AtomicRenameTemporaryPath.finalize = finalize
+sys.exit(main(sys.argv[2:]))
+"""
+
+SETS = ["model.num_layers=2", "model.d_model=32", "model.head_dim=8", "model.d_ff=64",
+        "moe.num_experts=4", "moe.d_expert=32", "model.seq_len=16", "train.batch_size=8",
+        "train.steps=6", "train.warmup_steps=1", "train.checkpoint_every=2", "train.eval_every=0",
+        "train.eval_batches=1", "data.max_code_bytes=300000"]
+
+
+def _train(mesh: str, run: Path) -> list:
+    return ["train", "--mesh", mesh, "--no-progress", "--out", str(run),
+            *[a for s in SETS for a in ("--set", s)]]
+
+
+def _train_records(run: Path) -> list:
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if r.get("split") != "val"]
+
+
+def test_sigkill_mid_save_then_resume_exactly_on_any_mesh(tmp_path, capsys):
+    run, marker, log = tmp_path / "run", tmp_path / "saving", tmp_path / "stderr.txt"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", _HANG_BEFORE_RENAME, str(marker),
+                                 *_train("data=2,expert=4", run)], cwd=ROOT, env=env, stderr=err)
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), log.read_text()[-2000:]
+    proc.kill()                                             # SIGKILL mid-save of step 4
+    proc.wait()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4.orbax-checkpoint-tmp"]
+    before = _train_records(run)
+    assert [r["step"] for r in before] == [1, 2, 3, 4]      # steps 3, 4 ran past the checkpoint
+    expect = [r["loss"] for r in before[2:]]
+
+    # the same mesh: bit-identical; other meshes (the state resharded as it is read): 1e-5
+    cfg, seen = apply_overrides(preset("tiny"), SETS), []
+    for name, parallel, devices in (("same", ParallelConfig(data=2, expert=4), None),
+                                    ("data=8", ParallelConfig(data=8), None),
+                                    ("1 device", ParallelConfig(data=1), ONE)):
+        copy = tmp_path / name
+        shutil.copytree(run, copy)
+        t = Trainer(dataclasses.replace(cfg, parallel=parallel), out_dir=copy, resume=True,
+                    devices=devices, progress=False)
+        got = [t.train_step()["loss"], t.train_step()["loss"]]
+        seen.append(f"{name}: steps 3, 4 {got} vs {expect}")
+        if name == "same":
+            assert got == expect, "bit-identical"
+            assert [r["step"] for r in _train_records(copy)] == [1, 2, 3, 4], "none lost or repeated"
+            assert not (copy / "checkpoints" / "4.orbax-checkpoint-tmp").exists(), "cleaned on open"
+        else:
+            np.testing.assert_allclose(got, expect, rtol=1e-5)
+            assert "the checkpoint is resharded onto the new mesh" in capsys.readouterr().err
+
+    # the command line: --resume --mesh runs the rest of the run on another mesh
+    assert main(_train("fsdp=2,tensor=2,expert=2", run) + ["--resume"]) == 0
+    after = _train_records(run)
+    seen.append(f"fsdp=2,tensor=2,expert=2: steps 3, 4 {[r['loss'] for r in after[2:4]]} vs {expect}")
+    print("\n".join(seen))
+    assert [r["step"] for r in after] == [1, 2, 3, 4, 5, 6], "no lost or repeated steps"
+    np.testing.assert_allclose([r["loss"] for r in after[2:4]], expect, rtol=1e-5)
+    assert json.loads((run / "config.json").read_text())["parallel"]["tensor"] == 2
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["4", "6"]
+
+
+def _refused(cfg, out_dir, match, devices=ONE):
+    with pytest.raises(ConfigError, match=match) as e:
+        Trainer(cfg, out_dir=out_dir, resume=True, devices=devices, progress=False)
+    print(e.value)
+
+
+def test_resumes_that_cannot_be_exact_are_refused(tmp_path):
+    _refused(micro(), tmp_path / "nothing", r"--resume: '.*nothing' holds no run \(no config.json\); "
+                                            r"drop --resume to start a new run there")
+    text = tmp_path / "notes.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 2000)
+    data = {"corpus": "paths", "paths": (str(text),)}
+    cfg = micro(data=data, train={"microbatches": 2})
+    Trainer(cfg, out_dir=tmp_path / "run", devices=ONE, progress=False).save_checkpoint()
+    _refused(micro(data=data, train={"microbatches": 2, "learning_rate": 1e-2}),
+             tmp_path / "run", r"config differs .*\(train.learning_rate: saved 0.003, given 0.01\); .*"
+                               r"only parallel.\* and train.nonfinite/max_skipped_steps may change")
+    _refused(dataclasses.replace(cfg, parallel=ParallelConfig(pipeline=2, data=4)), tmp_path / "run",
+             r"parallel.pipeline=2 with virtual_stages=1 stores the blocks in another layout .*"
+             r"keep parallel.pipeline=1", devices=None)
+    text.write_text("def f(x):\n    return x + 2\n" * 2000)        # same length, other bytes
+    _refused(cfg, tmp_path / "run", r"the data stream of the checkpoint at step 0 .* differs \(corpus "
+                                    r"train/notes.txt: saved \d+:\w+, now \d+:\w+ \(tokens:hash\)")
+    text.write_text("def f(x):\n    return x + 1\n" * 2000)
+    for p in (tmp_path / "run/checkpoints/0/state").rglob("*"):
+        if p.is_file() and p.parent.name == "d":
+            p.write_bytes(p.read_bytes()[:10])              # arrays cut short on disk
+    _refused(cfg, tmp_path / "run", r"checkpoint step 0 in .*checkpoints cannot be restored \(ValueError: "
+                                    r".*\); "
+                                    r"delete .*checkpoints/0 to resume from the step before it")
+
+
+def _poison(state):
+    """The state with its first floating parameter set to NaN (a diverged weight)."""
+    leaves, treedef = jax.tree.flatten(state)
+    i = next(i for i, x in enumerate(leaves) if x.dtype == np.float32 and x.ndim >= 1)
+    leaves[i] = leaves[i] * np.nan
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def test_non_finite_steps_are_skipped_or_stop_the_run(tmp_path):
+    cfg = micro(train={"steps": 6, "warmup_steps": 1, "max_skipped_steps": 2})
+    t = Trainer(cfg, out_dir=tmp_path, devices=ONE, progress=False)
+    t.train_step()
+    t.save_checkpoint()
+    t.state = _poison(t.state)
+    poisoned = to_host(t.state)
+    rec = t.train_step()
+    assert rec["skipped"] and np.isnan(rec["loss"]) and t.skipped_steps == 1
+    for a, b in zip(jax.tree.leaves(to_host(t.state)), jax.tree.leaves(poisoned), strict=True):
+        np.testing.assert_array_equal(a, b)                 # nothing moved, NaN stays where it was
+    with pytest.raises(NonFiniteError, match="step 2: the model or optimizer state holds NaN or inf, "
+                                             "so no checkpoint is saved; the last one is step 1"):
+        t.save_checkpoint()
+    with pytest.raises(NonFiniteError, match=r"step 3: the loss is nan and the gradient norm is nan, "
+                                             r"so its update was skipped; 2 steps in a row were skipped "
+                                             r"\(train.max_skipped_steps=2\) ends the run"):
+        t.train_step()
+    assert [r["skipped"] for r in _train_records(tmp_path)] == [False, True, True]
+
+    stop = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, nonfinite="stop"))
+    t = Trainer(stop, out_dir=tmp_path, resume=True, devices=ONE, progress=False)
+    assert t.step_num == 1 and all(np.isfinite(x).all() for x in jax.tree.leaves(to_host(t.state)))
+    t.state = _poison(t.state)
+    with pytest.raises(NonFiniteError) as e:
+        t.run()
+    print(e.value)
+    assert str(e.value).startswith("step 2: the loss is nan and the gradient norm is nan, so its "
+                                   "update was skipped; train.nonfinite='stop' ends the run; "
+                                   "the last checkpoint, step 1 in ")
+    assert t.checkpointer.latest_step() == 1
