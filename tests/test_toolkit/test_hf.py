@@ -264,3 +264,19 @@ def test_cli_inspect_and_fine_tune(checkpoints, tmp_path, capsys):
     logits = _forward(model, jnp.asarray(batch["tokens"]))
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(batch["targets"])).mean()
     assert first["ce"] == pytest.approx(float(ce), rel=1e-5)
+
+
+def test_pipelined_state_exports_as_listed_layers(checkpoints, tmp_path):
+    import dataclasses
+
+    from toolkit.models.transformer import stacked_blocks_state
+    cfg, model = load_hf(checkpoints["qwen3_moe"][0])
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    piped = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, pipeline=2))
+    save_hf(stacked_blocks_state(params, 1, 2), piped, tmp_path / "out")
+    got = load_hf_params(tmp_path / "out", cfg)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params), strict=True):
+        assert np.array_equal(a, np.asarray(b))
+    with pytest.raises(HFError, match="already holds a sharded checkpoint"):
+        (tmp_path / "out" / "model.safetensors.index.json").write_text("{}")
+        save_hf(model, cfg, tmp_path / "out")

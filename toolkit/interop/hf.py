@@ -38,7 +38,12 @@ from toolkit.interop.hf_config import (
     read_hf_config,
     to_hf_config,
 )
-from toolkit.models.transformer import Transformer, moe_layer_indices
+from toolkit.models.transformer import (
+    Transformer,
+    listed_blocks_state,
+    moe_layer_indices,
+    pipeline_chunks,
+)
 
 _INDEX, _SINGLE = "model.safetensors.index.json", "model.safetensors"
 _EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2")}          # gate, up, down; others *_proj
@@ -273,7 +278,11 @@ def save_hf(model_or_state, cfg: Config, path, *, architecture: str | None = Non
     kind = ARCHITECTURES[architecture]
     if isinstance(model_or_state, nnx.Module):
         model_or_state = nnx.to_pure_dict(nnx.state(model_or_state, nnx.Param))
-    flat = {p: np.asarray(v, np.float32) for p, v in _flat(dict(model_or_state))}
+    tree = dict(model_or_state)
+    if "stages" in tree and tree["stages"] is not None:      # a pipelined model's stacked blocks
+        v, p, _ = pipeline_chunks(cfg)
+        tree = listed_blocks_state(tree, v, p)
+    flat = {p: np.asarray(v, np.float32) for p, v in _flat(tree)}
     prefix = "mlp" if fused or kind != "mixtral" else "block_sparse_moe"
     out = {}
     for s in _specs(cfg, kind, lambda i: prefix, lambda i: fused):
@@ -284,6 +293,9 @@ def save_hf(model_or_state, cfg: Config, path, *, architecture: str | None = Non
         for name, value in zip(s.names, s.to_hf([flat[p] for p in s.paths]), strict=True):
             out[name] = np.ascontiguousarray(value)
     path = Path(path)
+    if (path / _INDEX).exists():
+        raise HFError(f"{str(path)!r} already holds a sharded checkpoint ({_INDEX}), which would "
+                      f"shadow the model.safetensors written now; export to an empty directory")
     path.mkdir(parents=True, exist_ok=True)
     save_file(out, str(path / _SINGLE), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
