@@ -192,9 +192,12 @@ BAD = {
                                                                 "rope_theta": 1e6}),
                      "rope scaling {'rope_type': 'yarn'"),
     "gelu": (lambda p: _edit_config(p, hidden_act="gelu"), "hidden_act='gelu' is not supported"),
+    "missing_shard": (lambda p: (p / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}})),
+        "lists shards that are not in"),
     "no_weights": (_pickle_only, "only safetensors are read, never pickled torch files"),
     "missing_tensor": (lambda p: _drop_tensor(p, "model.layers.1.block_sparse_moe.experts.3.w2.weight"),
-                       "lacks 1 tensors the config needs, e.g. "
+                       "lacks 1 tensor the config needs: "
                        "['model.layers.1.block_sparse_moe.experts.3.w2.weight']"),
     "wrong_shape": (lambda p: _reshape_tensor(p, "model.layers.0.self_attn.k_proj.weight"),
                     "tensor model.layers.0.self_attn.k_proj.weight has shape [3, 32], "

@@ -206,14 +206,15 @@ def _checked(path, cfg: Config) -> tuple:
     specs = _specs(cfg, kind, *_disk_layout(tensors, cfg, kind))
     missing = [name for s in specs for name in s.names if name not in tensors]
     if missing:
-        raise HFError(f"{str(path)!r} lacks {len(missing)} tensors the config needs, e.g. "
-                      f"{missing[:3]}")
+        raise HFError(f"{str(path)!r} lacks {len(missing)} tensor{'s' * (len(missing) > 1)} the "
+                      f"config needs: {missing[:3]}{' ...' * (len(missing) > 3)}")
     for s in specs:
         for name, want in zip(s.names, s.shapes, strict=True):
             seen = tensors.shape(name)
             if seen != want:
-                raise HFError(f"tensor {name} has shape {list(seen)}, expected {list(want)} from "
-                              f"config.json")
+                raise HFError(f"tensor {name} has shape {list(seen)}, expected {list(want)} by "
+                              f"the config (hidden_size={cfg.model.d_model}, num_key_value_heads="
+                              f"{cfg.model.num_kv_heads}, head_dim={cfg.model.head_dim}, ...)")
     return tensors, specs
 
 
