@@ -132,12 +132,15 @@ def top_p_filter(logits_bv, p):
 
 
 def sample_logits(logits_bv, key, *, temperature=0.0, top_k=0, top_p=1.0):
-    """int32 [B] next tokens: argmax at temperature 0 (a Python number), else a draw from
-    the tempered, top-k and top-p filtered logits (these three may be traced)."""
+    """int32 [B] next tokens: argmax at temperature 0, else a draw from the tempered,
+    top-k and top-p filtered logits. The three values may be traced, so one compiled
+    step serves greedy decoding and every sampling setting."""
+    greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
     if isinstance(temperature, (int, float)) and temperature == 0:
-        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-    logits_bv = top_p_filter(top_k_filter(logits_bv.astype(jnp.float32) / temperature, top_k), top_p)
-    return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
+        return greedy_b
+    tempered_bv = logits_bv.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)
+    drawn_b = jax.random.categorical(key, top_p_filter(top_k_filter(tempered_bv, top_k), top_p), axis=-1)
+    return jnp.where(temperature > 0, drawn_b.astype(jnp.int32), greedy_b)
 
 
 # -- the generation model ------------------------------------------------------------------
@@ -176,11 +179,11 @@ def generation_model(model: Transformer) -> Transformer:
     return gen
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _step(graphdef, greedy, sampling, state, tokens_bt, positions_bt, caches, key):
+@functools.partial(jax.jit, static_argnums=0)
+def _step(graphdef, sampling, state, tokens_bt, positions_bt, caches, key):
     """One compiled pass (prefill or decode step): the next token after the last position,
     its logits, this pass's routing `[L_moe, B, S, k]` and the caches. `sampling`: the
-    (traced) temperature, top_k and top_p, unless `greedy`."""
+    temperature, top_k and top_p, traced."""
     model = nnx.merge(graphdef, state)
     logits_btv, routings, caches = model.decode(tokens_bt, positions_bt, caches)
     b, s = tokens_bt.shape
@@ -188,7 +191,7 @@ def _step(graphdef, greedy, sampling, state, tokens_bt, positions_bt, caches, ke
     weights = [jnp.where(r.valid, r.weights, 0.0).astype(jnp.float32).reshape(b, s, -1)
                for r in routings]
     logits_bv = logits_btv[:, -1]
-    next_b = sample_logits(logits_bv, key, **({} if greedy else sampling))
+    next_b = sample_logits(logits_bv, key, **sampling)
     stacked = (jnp.stack(ids), jnp.stack(weights)) if routings else (None, None)
     return next_b, logits_bv, stacked, caches
 
@@ -224,7 +227,7 @@ def generate(model: Transformer, prompt_ids_bt, max_new_tokens: int, *, temperat
     (b, p), n = prompt.shape, max_new_tokens
     graphdef, state = nnx.split(gen)
     sampling = dict(temperature=jnp.float32(temperature), top_k=jnp.int32(top_k), top_p=jnp.float32(top_p))
-    step = functools.partial(_step, graphdef, temperature == 0, sampling, state)
+    step = functools.partial(_step, graphdef, sampling, state)
     key = jax.random.key(seed)
     caches = gen.init_cache(b, p + n)
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
