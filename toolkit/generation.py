@@ -210,10 +210,12 @@ def _checked_prompt(model: Transformer, prompt_ids_bt, max_new_tokens: int) -> n
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a whole number >= 1, e.g. 32")
     total, seq_len = prompt.shape[1] + max_new_tokens, model.cfg.model.seq_len
     if total > seq_len:
+        room = seq_len - prompt.shape[1]
+        fix = (f"use max_new_tokens <= {room} or a shorter prompt" if room >= 1 else
+               f"shorten the prompt to at most {seq_len - 1} tokens")
         raise ValueError(f"prompt ({prompt.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = "
                          f"{total} exceeds model.seq_len={seq_len}, the longest sequence the model "
-                         f"was trained on; use at most {max(seq_len - prompt.shape[1], 0)} new tokens "
-                         f"or a shorter prompt")
+                         f"was trained on; {fix}")
     return prompt.astype(np.int32)
 
 
