@@ -104,11 +104,13 @@ def dense_twin(cfg: Config) -> Config:
     Each MoE layer becomes a dense SwiGLU of width `top_k * d_expert` plus the shared
     experts' width, so per-token FLOPs match (the router's E x d matmul aside).
     """
-    width = cfg.moe.top_k * cfg.moe.d_expert + cfg.moe.num_shared_experts * cfg.moe.d_expert
+    shared = cfg.moe.d_shared_expert or cfg.moe.num_shared_experts * cfg.moe.d_expert
+    width = cfg.moe.top_k * cfg.moe.d_expert + shared
     return dataclasses.replace(
         cfg, name=cfg.name + "_dense",
         model=dataclasses.replace(cfg.model, d_ff=width),
-        moe=dataclasses.replace(cfg.moe, num_experts=0, num_shared_experts=0),
+        moe=dataclasses.replace(cfg.moe, num_experts=0, num_shared_experts=0, d_shared_expert=0,
+                                shared_expert_gate=False),
     )
 
 
