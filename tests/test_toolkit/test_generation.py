@@ -140,8 +140,10 @@ def test_refused_models_and_inputs(moe_model):
         generation_config(apply_overrides(tiny(), SMALL + ["moe.router=expert_choice"]))
     with pytest.raises(ValueError, match="moe.gru_experts=1: GRU experts run a recurrence"):
         generation_config(apply_overrides(tiny(), SMALL + ["moe.gru_experts=1"]))
-    with pytest.raises(ValueError, match="= 33 exceeds model.seq_len=32"):
+    with pytest.raises(ValueError, match="= 33 exceeds model.seq_len=32.*use max_new_tokens <= 27"):
         generate(moe_model, PROMPT, 28)
+    with pytest.raises(ValueError, match="shorten the prompt to at most 31 tokens"):
+        generate(moe_model, np.zeros((1, 32), np.int32), 1)
     with pytest.raises(ValueError, match="top_p=0 must be in"):
         generate(moe_model, PROMPT, 2, top_p=0)
     with pytest.raises(ValueError, match="prompt ids must lie in"):
