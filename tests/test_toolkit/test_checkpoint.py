@@ -108,9 +108,11 @@ def _refused(cfg, out_dir, match, devices=ONE):
     print(e.value)
 
 
-def test_resumes_that_cannot_be_exact_are_refused(tmp_path):
+def test_resumes_that_cannot_be_exact_are_refused(tmp_path, capsys):
     _refused(micro(), tmp_path / "nothing", r"--resume: '.*nothing' holds no run \(no config.json\); "
                                             r"drop --resume to start a new run there")
+    assert main(_train("data=8", tmp_path / "nothing") + ["--resume"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --resume: '{tmp_path / 'nothing'}' holds no run")
     text = tmp_path / "notes.txt"
     text.write_text("def f(x):\n    return x + 1\n" * 2000)
     data = {"corpus": "paths", "paths": (str(text),)}
@@ -142,11 +144,12 @@ def _poison(state):
     return jax.tree.unflatten(treedef, leaves)
 
 
-def test_non_finite_steps_are_skipped_or_stop_the_run(tmp_path):
-    cfg = micro(train={"steps": 6, "warmup_steps": 1, "max_skipped_steps": 2})
+def test_non_finite_steps_are_skipped_or_stop_the_run(tmp_path, capsys):
+    cfg = micro(train={"steps": 8, "warmup_steps": 1, "max_skipped_steps": 2})
     t = Trainer(cfg, out_dir=tmp_path, devices=ONE, progress=False)
     t.train_step()
     t.save_checkpoint()
+    good = to_host(t.state)
     t.state = _poison(t.state)
     poisoned = to_host(t.state)
     rec = t.train_step()
@@ -156,20 +159,26 @@ def test_non_finite_steps_are_skipped_or_stop_the_run(tmp_path):
     with pytest.raises(NonFiniteError, match="step 2: the model or optimizer state holds NaN or inf, "
                                              "so no checkpoint is saved; the last one is step 1"):
         t.save_checkpoint()
-    with pytest.raises(NonFiniteError, match=r"step 3: the loss is nan and the gradient norm is nan, "
+    t.state = jax.tree.map(lambda h, x: jax.device_put(h, x.sharding), good, t.state)
+    assert not t.train_step()["skipped"] and t.skipped_in_a_row == 0       # one bad step, then on
+    t.state = _poison(t.state)
+    t.train_step()
+    with pytest.raises(NonFiniteError, match=r"step 5: the loss is nan and the gradient norm is nan, "
                                              r"so its update was skipped; 2 steps in a row were skipped "
                                              r"\(train.max_skipped_steps=2\) ends the run"):
         t.train_step()
-    assert [r["skipped"] for r in _train_records(tmp_path)] == [False, True, True]
-
     stop = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, nonfinite="stop"))
-    t = Trainer(stop, out_dir=tmp_path, resume=True, devices=ONE, progress=False)
-    assert t.step_num == 1 and all(np.isfinite(x).all() for x in jax.tree.leaves(to_host(t.state)))
-    t.state = _poison(t.state)
+    t.cfg = stop                     # only the loop reads train.nonfinite, not the compiled step
     with pytest.raises(NonFiniteError) as e:
         t.run()
-    print(e.value)
-    assert str(e.value).startswith("step 2: the loss is nan and the gradient norm is nan, so its "
+    assert str(e.value).startswith("step 6: the loss is nan and the gradient norm is nan, so its "
                                    "update was skipped; train.nonfinite='stop' ends the run; "
                                    "the last checkpoint, step 1 in ")
-    assert t.checkpointer.latest_step() == 1
+    assert [r["skipped"] for r in _train_records(tmp_path)] == [False, True, False, True, True, True]
+
+    resumed = Trainer(stop, out_dir=tmp_path, resume=True, devices=ONE, progress=False)
+    assert resumed.step_num == 1 and len(resumed.history) == 1
+    for a, b in zip(jax.tree.leaves(to_host(resumed.state)), jax.tree.leaves(good), strict=True):
+        np.testing.assert_array_equal(a, b)                 # the last good checkpoint, whole
+    assert "train.nonfinite: saved 'skip', given 'stop'" in capsys.readouterr().err
+    print(e.value)

@@ -384,13 +384,14 @@ class Trainer:
         total, active = count_params(cfg)
         sizes = cfg.parallel.axis_sizes(self.mesh.size)
         timed = hist[1:] if len(hist) > 1 else hist
+        good = [h["ce"] for h in hist if not h.get("skipped")]      # skipped steps' CE may be NaN
         s = {"name": cfg.name, "steps": self.step_num,
              "tokens_seen": self.step_num * cfg.train.batch_size * cfg.model.seq_len,
              "mesh": ",".join(f"{a}={sizes[a]}" for a in MESH_AXES if sizes[a] > 1) or "1 device",
              "recipe": cfg.parallel.recipe, "num_devices": self.mesh.size,
              "platform": jax.devices()[0].platform,
              "params_total": total, "params_active": active,
-             "final_train_ce": float(np.mean([h["ce"] for h in hist[-10:]])) if hist else None,
+             "final_train_ce": float(np.mean(good[-10:])) if good else None,
              "final_val_loss": val["val_loss_all"], "val_loss": val["val_loss"],
              "val_bits_per_byte": val["val_bits_per_byte"],
              "unigram_bits_per_byte": unigram_bits_per_byte(self.corpus),
