@@ -179,11 +179,11 @@ def generation_model(model: Transformer) -> Transformer:
     return gen
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=5)
 def _step(graphdef, sampling, state, tokens_bt, positions_bt, caches, key):
     """One compiled pass (prefill or decode step): the next token after the last position,
-    its logits, this pass's routing `[L_moe, B, S, k]` and the caches. `sampling`: the
-    temperature, top_k and top_p, traced."""
+    its logits, this pass's routing `[L_moe, B, S, k]` and the caches, updated in place
+    (donated). `sampling`: the temperature, top_k and top_p, traced."""
     model = nnx.merge(graphdef, state)
     logits_btv, routings, caches = model.decode(tokens_bt, positions_bt, caches)
     b, s = tokens_bt.shape
