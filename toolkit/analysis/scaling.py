@@ -87,7 +87,8 @@ def at_active_compute(cfg: Config, *, num_experts: int | None = None, top_k: int
     """`cfg` with other expert counts and the expert width chosen so that the active FFN
     width per token, (top_k + shared) x d_expert, stays what `cfg` has: the same FLOPs per
     token, more or fewer parameters. The width is rounded to a multiple of 8, at least 8, so
-    the active width is exact when (top_k + shared) divides it into multiples of 8."""
+    the active width is exact when (top_k + shared) divides it into multiples of 8. Shared
+    experts take the routed width (`d_shared_expert` is cleared); their gate stays if any do."""
     moe = cfg.moe
     if not moe.num_experts:
         raise ValueError(f"{cfg.name}: moe.num_experts=0 is dense; start from an MoE config")
@@ -98,7 +99,7 @@ def at_active_compute(cfg: Config, *, num_experts: int | None = None, top_k: int
         raise ValueError(f"top_k={k} must be in 1..num_experts={e}")
     if s < 0:
         raise ValueError(f"num_shared_experts={s} must be >= 0")
-    active = (moe.top_k + moe.num_shared_experts) * moe.expert_width(cfg.model.d_ff)
+    active = moe.top_k * moe.expert_width(cfg.model.d_ff) + moe.shared_width(cfg.model.d_ff)
     width = int(round(active / (k + s) / 8)) * 8
     if width < 8:
         raise ValueError(f"top_k + shared = {k + s} leaves experts {active / (k + s):.1f} wide (the active "
@@ -106,7 +107,8 @@ def at_active_compute(cfg: Config, *, num_experts: int | None = None, top_k: int
     return dataclasses.replace(
         cfg, name=f"{cfg.name}_e{e}k{k}s{s}",
         moe=dataclasses.replace(moe, num_experts=e, top_k=k, num_shared_experts=s, d_expert=width,
-                                expert_fraction=0.0))
+                                expert_fraction=0.0, d_shared_expert=0,
+                                shared_expert_gate=moe.shared_expert_gate and s > 0))
 
 
 def segmented(cfg: Config, factor: float) -> Config:
