@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import micro
+from flax import nnx
 
 from toolkit.cli import main
 from toolkit.config import ConfigError, ParallelConfig, apply_overrides, preset
@@ -121,9 +122,6 @@ def test_resumes_that_cannot_be_exact_are_refused(tmp_path, capsys):
     _refused(micro(data=data, train={"microbatches": 2, "learning_rate": 1e-2}),
              tmp_path / "run", r"config differs .*\(train.learning_rate: saved 0.003, given 0.01\); .*"
                                r"only parallel.\* and train.nonfinite/max_skipped_steps may change")
-    _refused(dataclasses.replace(cfg, parallel=ParallelConfig(pipeline=2, data=4)), tmp_path / "run",
-             r"parallel.pipeline=2 with virtual_stages=1 stores the blocks in another layout .*"
-             r"keep parallel.pipeline=1", devices=None)
     text.write_text("def f(x):\n    return x + 2\n" * 2000)        # same length, other bytes
     _refused(cfg, tmp_path / "run", r"the data stream of the checkpoint at step 0 .* differs \(corpus "
                                     r"train/notes.txt: saved \d+:\w+, now \d+:\w+ \(tokens:hash\)")
@@ -134,6 +132,45 @@ def test_resumes_that_cannot_be_exact_are_refused(tmp_path, capsys):
     _refused(cfg, tmp_path / "run", r"checkpoint step 0 in .*checkpoints cannot be restored \(ValueError: "
                                     r".*\); "
                                     r"delete .*checkpoints/0 to resume from the step before it")
+
+
+def _listed(tree: dict) -> dict:
+    """`{path: array}` of a pure state dict, stacked blocks (`stages/blocks/j`, `[v, p, ...]`)
+    spelled as the listed blocks they hold (block (r*p + s)*per + j is `[r, s]` of j)."""
+    flat = {tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path): np.asarray(x)
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    out = {}
+    for path, x in flat.items():
+        if "stages" not in path:
+            out[path] = x
+            continue
+        i = path.index("stages")
+        per = 1 + max(q[i + 2] for q in flat if q[:i + 1] == path[:i + 1])
+        v, p = x.shape[:2]
+        for r in range(v):
+            for s in range(p):
+                out[path[:i] + ("blocks", (r * p + s) * per + path[i + 2]) + path[i + 3:]] = x[r, s]
+    return out
+
+
+@pytest.mark.parametrize("src, dst", [("listed", "pipelined"), ("pipelined", "listed")])
+def test_resume_converts_between_listed_and_pipelined_blocks(tmp_path, src, dst):
+    base = micro(model={"num_layers": 4}, train={"microbatches": 2, "batch_size": 16})
+    piped = ParallelConfig(pipeline=2, virtual_stages=2, schedule="interleaved", data=4)
+    layouts = {"listed": dataclasses.replace(base, parallel=ParallelConfig(data=8)),
+               "pipelined": dataclasses.replace(base, parallel=piped)}     # [v=2, p=2] of 1 block
+    t = Trainer(layouts[src], out_dir=tmp_path, progress=False)
+    rng = np.random.default_rng(0)          # moments and parameters that differ everywhere
+    t.state = jax.tree.map(lambda x: x + rng.normal(size=x.shape).astype(x.dtype)
+                           if x.dtype == np.float32 else x, t.state)
+    t.save_checkpoint()
+    saved = _listed(nnx.to_pure_dict(to_host(t.state)))
+    resumed = Trainer(layouts[dst], out_dir=tmp_path, resume=True, progress=False)
+    got = _listed(nnx.to_pure_dict(to_host(resumed.state)))
+    assert sorted(got) == sorted(saved) and len(got) > 40
+    for path, x in saved.items():
+        np.testing.assert_array_equal(got[path], x, err_msg=str(path))
+    assert resumed.model().stages is not None if dst == "pipelined" else resumed.model().blocks is not None
 
 
 def _poison(state):

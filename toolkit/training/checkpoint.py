@@ -12,7 +12,9 @@ record (step, config, the data stream's identity), which is all an exact resume 
 
 Restoring reads each array straight into the shardings of the abstract state it is given,
 so a run saved on `data=2,expert=4` continues on `fsdp=8` or on one device (elastic
-resharding); only the layout of the blocks (listed, or stacked by a pipeline) must agree.
+resharding). A pipeline stores its blocks stacked `[v, p, ...]` instead of listed;
+`restore_relaid` reads a checkpoint of one layout into another (through replicated
+arrays, so it needs the whole state in each device's memory once).
 
 The data stream: batch n is a pure function of (seed, n, batch size, sequence length,
 domain weights, corpus tokens) (`toolkit.data.Batches`), so the step and the config fix
@@ -24,10 +26,16 @@ of it, and `check_data_stream` refuses to resume when it differs.
 import hashlib
 from pathlib import Path
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from toolkit.config import Config, ConfigError
+from toolkit.models.transformer import pipeline_chunks, stacked_blocks_state
+from toolkit.training.step import abstract_state
 
 _SAMPLE_TOKENS = 1 << 16     # tokens hashed at each end of a stream, and strided through it
 
@@ -69,6 +77,46 @@ def check_data_stream(saved: dict, now: dict, step: int, where) -> None:
                           f"differs ({'; '.join(changed)}); the batches after step {step} would not "
                           f"be the ones an uninterrupted run sees. Resume with the same corpus and "
                           f"data settings, or start a new --out")
+
+
+def listed_blocks_state(tree: dict, v: int, p: int) -> dict:
+    """The inverse of `stacked_blocks_state`: `stages/blocks/j` with leaves `[v, p, ...]`
+    becomes `blocks/i`, block i = (r*p + s)*per + j of chunk `[r, s]`."""
+    stacked = tree["stages"]["blocks"]
+    per = len(stacked)
+    blocks = {(r * p + s) * per + j: jax.tree.map(lambda a, r=r, s=s: a[r, s], stacked[j])
+              for r in range(v) for s in range(p) for j in range(per)}
+    out = {k: val for k, val in tree.items() if k != "stages"}
+    return dict(out, blocks=dict(sorted(blocks.items())))
+
+
+def _relayout(tree, key: str, fn):
+    """`fn` applied to every dict of `tree` holding `key` (the model and each Adam moment)."""
+    if not isinstance(tree, dict):
+        return tree
+    if key in tree:
+        return fn(tree)
+    return {k: _relayout(val, key, fn) for k, val in tree.items()}
+
+
+def restore_relaid(checkpointer, saved: Config, cfg: Config, mesh, step: int | None = None):
+    """(state, meta) of a checkpoint written under `saved` (its blocks listed, or stacked by
+    its pipeline), laid out for `cfg` on `mesh`: parameters and optimizer moments alike."""
+    replicated = NamedSharding(mesh, P())
+    source = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          abstract_state(saved, mesh))
+    state, meta = checkpointer.restore(source, step)
+    tree = nnx.to_pure_dict(state)
+    v0, p0, _ = pipeline_chunks(saved)
+    v1, p1, _ = pipeline_chunks(cfg)
+    if p0 > 1:
+        tree = _relayout(tree, "stages", lambda t: listed_blocks_state(t, v0, p0))
+    if p1 > 1:
+        tree = _relayout(tree, "blocks", lambda t: stacked_blocks_state(t, v1, p1))
+    target = abstract_state(cfg, mesh)
+    shardings = jax.tree.map(lambda x: x.sharding, target)
+    nnx.replace_by_pure_dict(target, tree)
+    return jax.tree.map(jax.device_put, target, shardings), meta
 
 
 class Checkpointer:

@@ -55,7 +55,7 @@ from toolkit.data import Batches, load_corpus, unigram_bits_per_byte
 from toolkit.models.transformer import moe_layer_indices, pipeline_chunks
 from toolkit.precision import describe_mode
 from toolkit.sharding.mesh import MESH_AXES, batch_sharding, make_mesh, rules_for
-from toolkit.training.checkpoint import Checkpointer, check_data_stream, data_stream
+from toolkit.training.checkpoint import Checkpointer, check_data_stream, data_stream, restore_relaid
 from toolkit.training.init_from import place_params
 from toolkit.training.report import render_report
 from toolkit.training.step import (
@@ -140,10 +140,13 @@ class Trainer:
         self.step_num, self.compile_seconds, self.train_seconds = 0, 0.0, 0.0
         self.skipped_steps, self.skipped_in_a_row = 0, 0
         self.data_stream = data_stream(cfg, self.corpus)
-        self._compiled = None
+        self._compiled, self._relaid_from = None, None
         self.checkpointer = self._open_run_dir(resume)
         if resume and self.checkpointer and self.checkpointer.latest_step() is not None:
-            self.state, meta = self.checkpointer.restore(abstract_state(cfg, self.mesh))
+            if self._relaid_from is not None:       # a pipeline added, removed or reshaped
+                self.state, meta = restore_relaid(self.checkpointer, self._relaid_from, cfg, self.mesh)
+            else:
+                self.state, meta = self.checkpointer.restore(abstract_state(cfg, self.mesh))
             self.graphdef = graphdef_of(cfg)
             self.step_num = int(meta["step"])
             if "data" in meta:          # checkpoints written before the data record lack it
@@ -186,7 +189,8 @@ class Trainer:
         return Checkpointer(ckpt_dir, keep=self.cfg.train.keep_checkpoints)
 
     def _check_resumable(self, saved: Config, config_path: Path) -> None:
-        """Refuse a resume that changes more than the mesh; note a mesh change."""
+        """Refuse a resume that changes more than the mesh; note a mesh change, and a change
+        of pipeline layout (blocks listed or stacked), which the restore converts."""
         before, after = dict(_flat(saved)), dict(_flat(self.cfg))
         diff = {k: f"{k}: saved {before[k]!r}, given {after[k]!r}" for k in before
                 if before[k] != after[k]}
@@ -196,12 +200,7 @@ class Trainer:
                               f"resume with the same --preset/--set values (only parallel.* and "
                               f"train.nonfinite/max_skipped_steps may change), or start a new --out")
         if pipeline_chunks(saved)[:2] != pipeline_chunks(self.cfg)[:2]:
-            raise ConfigError(
-                f"--resume: parallel.pipeline={self.cfg.parallel.pipeline} with virtual_stages="
-                f"{self.cfg.parallel.virtual_stages} stores the blocks in another layout than the "
-                f"checkpoint's (pipeline={saved.parallel.pipeline}, virtual_stages="
-                f"{saved.parallel.virtual_stages}); a checkpoint restores onto any mesh with the "
-                f"same pipeline layout, so keep parallel.pipeline={saved.parallel.pipeline}")
+            self._relaid_from = saved
         if diff and self.writes_files:
             mesh = any(k.startswith("parallel.") for k in diff)
             print(f"note: resuming {self.out_dir} with {'; '.join(diff.values())}; "
