@@ -12,8 +12,9 @@ validation pass), `checkpoints/`, and at the end `summary.json`, PNG plots and
 `report.md`. An existing run is never overwritten: pass `resume=True` to continue it
 from its latest checkpoint, exactly where an uninterrupted run would be (the same losses,
 bit for bit, on the same mesh). A resume may change only `parallel.*` (the mesh: the state
-is resharded onto the new one as it is read) and `train.nonfinite`/`max_skipped_steps`;
-the new config is written to `config.json`. The checkpoint also records the data stream
+is resharded onto the new one as it is read, its blocks converted between listed and
+stacked when the pipeline changes) and `train.nonfinite`/`max_skipped_steps`; the new
+config is written to `config.json`. The checkpoint also records the data stream
 (`toolkit.training.checkpoint.data_stream`), and a resume over a changed corpus is refused.
 
 A step whose loss or gradient norm is not finite is skipped inside the compiled step (the
