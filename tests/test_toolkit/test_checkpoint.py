@@ -1,5 +1,5 @@
-"""Checkpoints: SIGKILL mid-save, exact resume, restore onto other meshes, non-finite steps,
-and the clear refusals of a resume that cannot be exact."""
+"""Checkpoints: SIGKILL mid-save, exact resume, restore onto other meshes and pipeline
+layouts, non-finite steps, and the clear refusals of a resume that cannot be exact."""
 
 import dataclasses
 import json
@@ -27,7 +27,7 @@ ONE = jax.devices()[:1]
 # `python -m toolkit train`, whose Orbax save of step 4 writes every file into the tmp
 # directory, then drops a marker and hangs before the rename, until the test kills it
 _HANG_BEFORE_RENAME = """
-import asyncio, sys, time
+import sys, time
 from orbax.checkpoint._src.path import atomicity
 from toolkit.cli import main
 marker, rename = sys.argv[1], atomicity.AtomicRenameTemporaryPath.finalize
@@ -62,12 +62,14 @@ def test_sigkill_mid_save_then_resume_exactly_on_any_mesh(tmp_path, capsys):
     with open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, "-c", _HANG_BEFORE_RENAME, str(marker),
                                  *_train("data=2,expert=4", run)], cwd=ROOT, env=env, stderr=err)
-    deadline = time.monotonic() + 300
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert marker.exists(), log.read_text()[-2000:]
-    proc.kill()                                             # SIGKILL mid-save of step 4
-    proc.wait()
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert marker.exists(), log.read_text()[-2000:]
+    finally:
+        proc.kill()                                         # SIGKILL mid-save of step 4
+        proc.wait()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4.orbax-checkpoint-tmp"]
     before = _train_records(run)
     assert [r["step"] for r in before] == [1, 2, 3, 4]      # steps 3, 4 ran past the checkpoint
