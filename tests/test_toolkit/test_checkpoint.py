@@ -17,7 +17,7 @@ from conftest import micro
 from flax import nnx
 
 from toolkit.cli import main
-from toolkit.config import ConfigError, ParallelConfig, apply_overrides, preset
+from toolkit.config import ConfigError, ParallelConfig, apply_overrides, preset, validate
 from toolkit.training import NonFiniteError, Trainer
 from toolkit.training.step import to_host
 
@@ -112,6 +112,10 @@ def _refused(cfg, out_dir, match, devices=ONE):
 
 
 def test_resumes_that_cannot_be_exact_are_refused(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="train.nonfinite='maybe' is unknown; use 'skip' or 'stop'"):
+        validate(micro(train={"nonfinite": "maybe"}))
+    with pytest.raises(ConfigError, match="train.max_skipped_steps=0 must be a positive integer"):
+        validate(micro(train={"max_skipped_steps": 0}))
     _refused(micro(), tmp_path / "nothing", r"--resume: '.*nothing' holds no run \(no config.json\); "
                                             r"drop --resume to start a new run there")
     assert main(_train("data=8", tmp_path / "nothing") + ["--resume"]) == 2
