@@ -120,6 +120,8 @@ def restore_relaid(checkpointer, saved: Config, cfg: Config, mesh, step: int | N
 
 
 class Checkpointer:
+    """The Orbax steps of one run's `checkpoints/`: the last `keep` complete ones."""
+
     def __init__(self, directory, *, keep: int = 2):
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(
