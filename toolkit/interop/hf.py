@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.traverse_util import flatten_dict
 
 from toolkit.config import Config
 from toolkit.interop.hf_config import (
@@ -259,14 +260,6 @@ def model_from_params(cfg: Config, params: dict) -> Transformer:
     return nnx.merge(graphdef, weights, rest)
 
 
-def _flat(tree, prefix=()):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _flat(value, prefix + (key,))
-        else:
-            yield prefix + (key,), value
-
-
 def save_hf(model_or_state, cfg: Config, path, *, architecture: str | None = None,
             fused: bool = False) -> Path:
     """Write `config.json` and `model.safetensors` of a toolkit model (or its parameter
@@ -283,7 +276,7 @@ def save_hf(model_or_state, cfg: Config, path, *, architecture: str | None = Non
     if "stages" in tree and tree["stages"] is not None:      # a pipelined model's stacked blocks
         v, p, _ = pipeline_chunks(cfg)
         tree = listed_blocks_state(tree, v, p)
-    flat = {p: np.asarray(v, np.float32) for p, v in _flat(tree)}
+    flat = {p: np.asarray(v, np.float32) for p, v in flatten_dict(tree).items()}
     prefix = "mlp" if fused or kind != "mixtral" else "block_sparse_moe"
     out = {}
     for s in _specs(cfg, kind, lambda i: prefix, lambda i: fused):

@@ -13,17 +13,10 @@ listed blocks are first stacked as the pipelined model holds them.
 import jax
 import numpy as np
 from flax import nnx
+from flax.traverse_util import flatten_dict
 
 from toolkit.config import Config, ConfigError
 from toolkit.models.transformer import pipeline_chunks, stacked_blocks_state
-
-
-def _flat(tree, prefix=()):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _flat(value, prefix + (key,))
-        else:
-            yield prefix + (key,), value
 
 
 def place_params(cfg: Config, state, params: dict):
@@ -34,7 +27,7 @@ def place_params(cfg: Config, state, params: dict):
         params = stacked_blocks_state(params, v, p)
     model_state = state[0]
     current = dict(nnx.to_flat_state(model_state))
-    given = dict(_flat(params))
+    given = flatten_dict(params)
     unknown = sorted("/".join(map(str, k)) for k in given if k not in current)
     absent = sorted("/".join(map(str, k)) for k, var in current.items()
                     if k not in given and isinstance(var, nnx.Param))
